@@ -1,0 +1,224 @@
+"""Tiny randomly initialised EasyAnimate model folders, in the real on-disk layouts.
+
+Used by the tests and by the demo job (no weights can be downloaded). Everything is built from the
+same classes the real checkpoints use: diffusers' EasyAnimateTransformer3DModel and
+AutoencoderKLMagvit, transformers' Bert / T5 / Qwen2-VL, and tokenizers trained here on a few
+sentences. A folder is a few MB and takes a few seconds of CPU.
+
+    python -m easyanimate_reward.easyanimate.tiny DEST_FOLDER [--version v5|v5.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Widths of the tiny models. Text widths differ on purpose (32 vs 24) so a swapped encoder fails.
+TINY_HEADS, TINY_HEAD_DIM = 2, 16
+BERT_WIDTH, T5_WIDTH, QWEN_WIDTH = 32, 24, 32
+
+_CORPUS = [
+    "a cat playing piano in a sunny room",
+    "a dog running on the beach at sunset",
+    "a red car driving through a city at night",
+    "waves crashing on rocks, cinematic, high quality",
+    "a timelapse of clouds over snowy mountains",
+    "an astronaut riding a horse on the moon",
+    "close up of a flower blooming, macro photography",
+    "a busy street market with colourful lanterns",
+    "一只猫在弹钢琴",
+    "blurry, low quality, distorted, watermark, text",
+]
+
+
+def _tiny_transformer_config(text_dim: int, text_dim_t5: int | None) -> dict:
+    return dict(
+        num_attention_heads=TINY_HEADS,
+        attention_head_dim=TINY_HEAD_DIM,
+        in_channels=33,  # 16 noisy latents + 1 mask + 16 masked-video latents (InP)
+        out_channels=16,
+        patch_size=2,
+        num_layers=2,
+        mmdit_layers=2,
+        time_embed_dim=32,
+        text_embed_dim=text_dim,
+        text_embed_dim_t5=text_dim_t5,
+        sample_width=16,
+        sample_height=16,
+    )
+
+
+def build_tiny_transformer(version: str = "v5", seed: int = 0):
+    from diffusers import EasyAnimateTransformer3DModel
+
+    torch.manual_seed(seed)
+    if version == "v5":
+        cfg = _tiny_transformer_config(BERT_WIDTH, T5_WIDTH)
+    else:
+        cfg = _tiny_transformer_config(QWEN_WIDTH, None)
+    model = EasyAnimateTransformer3DModel(**cfg)
+    # Random init leaves the zero-initialised output layers at zero; give every weight some signal
+    # so that LoRA and sampling tests see real differences.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return model
+
+
+def build_tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKLMagvit
+
+    torch.manual_seed(seed)
+    return AutoencoderKLMagvit(
+        block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=4, latent_channels=16
+    )
+
+
+def _write_bert(dest: Path, seed: int) -> None:
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = sorted({w for line in _CORPUS for w in line.replace(",", " ,").split()})
+    chars = sorted({c for line in _CORPUS for c in line if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + [c for c in chars if c not in words]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file = Path(tmp) / "vocab.txt"
+        vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        tok = BertTokenizer(str(vocab_file), model_max_length=77)
+        tok.save_pretrained(dest / "tokenizer")
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(vocab), hidden_size=BERT_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(dest / "text_encoder", safe_serialization=True)
+
+
+def _write_t5(dest: Path, seed: int) -> None:
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(_CORPUS * 4), encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(Path(tmp) / "spiece"), vocab_size=90, hard_vocab_limit=False,
+            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+            character_coverage=1.0, minloglevel=2,
+        )
+        # Real mT5 tokenizer folders ship spiece.model; keep it beside the converted tokenizer.json.
+        tok = T5Tokenizer.from_pretrained(tmp, extra_ids=0, model_max_length=256)
+        tok.save_pretrained(dest / "tokenizer_2")
+        shutil.copy(Path(tmp) / "spiece.model", dest / "tokenizer_2" / "spiece.model")
+    torch.manual_seed(seed + 1)
+    cfg = T5Config(
+        vocab_size=len(tok), d_model=T5_WIDTH, d_kv=8, d_ff=48, num_layers=2, num_heads=3,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    )
+    T5EncoderModel(cfg).save_pretrained(dest / "text_encoder_2", safe_serialization=True)
+
+
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _write_qwen2vl(dest: Path, seed: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(_CORPUS * 4 + ["user assistant system"], trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=256, additional_special_tokens=specials[1:],
+    )
+    tok.chat_template = _QWEN_CHAT_TEMPLATE
+    tok.save_pretrained(dest / "tokenizer")
+
+    torch.manual_seed(seed + 2)
+    vocab = len(tok)
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=QWEN_WIDTH, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        ),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=QWEN_WIDTH, num_heads=2, mlp_ratio=2,
+                           in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        vocab_size=vocab,
+        hidden_size=QWEN_WIDTH,
+        image_token_id=vocab + 10, video_token_id=vocab + 11,
+        vision_start_token_id=vocab + 12,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+    )
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(dest / "text_encoder", safe_serialization=True)
+
+
+def _scheduler_config(version: str) -> dict:
+    if version == "v5":
+        return {
+            "_class_name": "DDIMScheduler",
+            "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+            "beta_schedule": "linear", "clip_sample": False, "set_alpha_to_one": False,
+            "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading",
+        }
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def write_tiny_model(dest: str | os.PathLike, version: str = "v5", seed: int = 0) -> Path:
+    """Write a complete tiny model folder (`version` "v5" or "v5.1") at `dest` atomically."""
+    if version not in ("v5", "v5.1"):
+        raise ValueError(f"version must be 'v5' or 'v5.1', got {version!r}")
+    dest = Path(dest)
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+    build_tiny_transformer(version, seed).save_pretrained(partial / "transformer", safe_serialization=True)
+    build_tiny_vae(seed).save_pretrained(partial / "vae", safe_serialization=True)
+    if version == "v5":
+        _write_bert(partial, seed)
+        _write_t5(partial, seed)
+        pipeline_class = "EasyAnimateV5Pipeline"
+    else:
+        _write_qwen2vl(partial, seed)
+        pipeline_class = "EasyAnimatePipeline"
+    (partial / "scheduler").mkdir()
+    (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(version), indent=2))
+    (partial / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class, "tiny": True}, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(partial, dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dest")
+    parser.add_argument("--version", choices=["v5", "v5.1"], default="v5")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(write_tiny_model(args.dest, args.version, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Glue between the pack's plain-Python core and the ComfyUI host: model folders, the loaded-model
+cache, and progress/interrupt callbacks for long loops."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from ..easyanimate.loading import load_pipe
+from ..easyanimate.model import EasyAnimateModel, EasyAnimatePipe
+
+EASYANIMATE_FOLDER = "easyanimate"      # models/EasyAnimate/<model folder>/
+REWARD_FOLDER = "reward_models"         # models/reward_models/
+LORA_FOLDER = "loras"                   # the host's own models/loras/
+
+
+def register_model_folders() -> None:
+    """Register our folders with the host so extra_model_paths.yaml can add more locations."""
+    for key, sub in ((EASYANIMATE_FOLDER, "EasyAnimate"), (REWARD_FOLDER, "reward_models")):
+        path = os.path.join(folder_paths.models_dir, sub)
+        os.makedirs(path, exist_ok=True)
+        folder_paths.add_model_folder_path(key, path)
+
+
+def model_folder_names() -> list[str]:
+    """Sub-folders that look like EasyAnimate models (they have transformer/config.json)."""
+    names = set()
+    for base in folder_paths.get_folder_paths(EASYANIMATE_FOLDER):
+        if os.path.isdir(base):
+            for entry in os.scandir(base):
+                if entry.is_dir() and os.path.isfile(os.path.join(entry.path, "transformer", "config.json")):
+                    names.add(entry.name)
+    return sorted(names)
+
+
+def resolve_model_folder(name: str) -> str:
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise ValueError(f"model name {name!r} must be a folder name inside models/EasyAnimate")
+    for base in folder_paths.get_folder_paths(EASYANIMATE_FOLDER):
+        candidate = os.path.join(base, name)
+        if os.path.isdir(candidate):
+            return candidate
+    searched = ", ".join(folder_paths.get_folder_paths(EASYANIMATE_FOLDER))
+    raise FileNotFoundError(f"EasyAnimate model folder {name!r} not found in: {searched}")
+
+
+class PipeCache:
+    """Keeps the one loaded EasyAnimate pipe across queue runs: same folder + options = no reload.
+    Loading another first drops the old one and asks the host to free its own models."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key = None
+        self._pipe: EasyAnimatePipe | None = None
+
+    def get(self, folder: str, precision: str, memory_mode: str) -> EasyAnimatePipe:
+        stat = os.stat(os.path.join(folder, "transformer", "config.json"))
+        key = (os.path.realpath(folder), stat.st_mtime_ns, precision, memory_mode)
+        with self._lock:
+            if key == self._key and self._pipe is not None:
+                return self._pipe
+            self.release()
+            mm.unload_all_models()
+            self._pipe = load_pipe(folder, precision, memory_mode, device=mm.get_torch_device(),
+                                   offload_device=mm.unet_offload_device())
+            self._key = key
+            return self._pipe
+
+    def release(self) -> None:
+        self._pipe, self._key = None, None
+        gc.collect()
+        mm.soft_empty_cache()
+
+
+PIPES = PipeCache()
+
+
+def progress_callback(total: int, node_id: str | None = None):
+    """A (done, total, latest) callback that drives a ComfyUI progress bar and honours Cancel."""
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def on_step(done: int, total_now: int, _latest=None) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total_now)
+
+    return on_step
+
+
+def check_interrupt() -> None:
+    mm.throw_exception_if_processing_interrupted()
+
+
+def output_subpath(name: str, base: str | None = None) -> Path:
+    """A path for `name` inside `base` (default: ComfyUI's output folder); never outside it."""
+    base = os.path.realpath(base or folder_paths.get_output_directory())
+    if not name or name.startswith(("/", "\\")) or ".." in Path(name).parts:
+        raise ValueError(f"name {name!r} must be a relative path without '..'")
+    path = os.path.realpath(os.path.join(base, name))
+    if os.path.commonpath([base, path]) != base:
+        raise ValueError(f"name {name!r} escapes {base}")
+    return Path(path)
+
+
+__all__ = ["EasyAnimateModel", "PIPES", "register_model_folders", "model_folder_names", "resolve_model_folder",
+           "progress_callback", "check_interrupt", "output_subpath"]
