@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .keymap import convert_original_state_dict, is_original_state_dict
 from .memory import ModulePlacement
 from .model import EasyAnimatePipe
 
@@ -130,19 +131,12 @@ def load_diffusers_module(cls, subfolder: Path, dtype: torch.dtype, convert_stat
     return module.eval()  # tensors were cast while reading; buffers keep their own dtype
 
 
-def _is_original_transformer(state_keys) -> bool:
-    return any(".attn2." in k for k in state_keys)
-
-
 def load_transformer(subfolder: Path, dtype: torch.dtype):
     from diffusers import EasyAnimateTransformer3DModel
 
     def convert(state):
-        if _is_original_transformer(state):
-            # Original EasyAnimate V5 checkpoints name the text stream attn2.*; diffusers, attn1.add_*.
-            from .keymap import convert_original_state_dict
-            return convert_original_state_dict(state)
-        return state
+        # Original EasyAnimate V5 checkpoints name the text stream attn2.*; diffusers, attn1.add_*.
+        return convert_original_state_dict(state) if is_original_state_dict(state) else state
 
     return load_diffusers_module(EasyAnimateTransformer3DModel, subfolder, dtype, convert)
 

@@ -194,7 +194,17 @@ def write_tiny_model(dest: str | os.PathLike, version: str = "v5", seed: int = 0
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
 
-    build_tiny_transformer(version, seed).save_pretrained(partial / "transformer", safe_serialization=True)
+    transformer = build_tiny_transformer(version, seed)
+    transformer.save_pretrained(partial / "transformer", safe_serialization=True)
+    if version == "v5":
+        # The published V5 checkpoints use the original EasyAnimate key names (attn2.* for the text
+        # stream); write the tiny one the same way so the loader's conversion path is exercised.
+        from safetensors.torch import save_file
+
+        from .keymap import convert_diffusers_state_dict
+
+        state = {k: v.contiguous() for k, v in convert_diffusers_state_dict(transformer.state_dict()).items()}
+        save_file(state, str(partial / "transformer" / "diffusion_pytorch_model.safetensors"))
     build_tiny_vae(seed).save_pretrained(partial / "vae", safe_serialization=True)
     if version == "v5":
         _write_bert(partial, seed)
