@@ -1,0 +1,43 @@
+"""The loader's cache inside the host process: same folder + options = no reload; another model
+replaces it. Runs the pack's node glue against the real ComfyUI modules (imported, not mocked)."""
+
+import sys
+
+import pytest
+
+from host import HOST_DIR
+
+
+@pytest.fixture(scope="module")
+def common(tmp_path_factory):
+    sys.path.insert(0, str(HOST_DIR))
+    from comfy.cli_args import args
+
+    args.cpu = True  # what `main.py --cpu` sets before model management picks a device
+    import folder_paths
+
+    base = tmp_path_factory.mktemp("models")
+    folder_paths.models_dir = str(base)
+    from easyanimate_reward.nodes import common as node_common
+
+    yield node_common
+    sys.path.remove(str(HOST_DIR))
+
+
+def test_same_folder_and_options_reuse_the_loaded_pipe(common, tiny_models):
+    cache = common.PipeCache()
+    first = cache.get(str(tiny_models["v5"]), "fp32", "none")
+    assert cache.get(str(tiny_models["v5"]), "fp32", "none") is first
+    other = cache.get(str(tiny_models["v5"]), "fp32", "model_cpu_offload")
+    assert other is not first
+    third = cache.get(str(tiny_models["v5.1"]), "fp32", "model_cpu_offload")
+    assert third.version == "v5.1" and cache.get(str(tiny_models["v5.1"]), "fp32", "model_cpu_offload") is third
+
+
+def test_model_names_never_escape_the_models_folder(common):
+    for bad in ("../x", "/etc", "a/b", "..", ""):
+        with pytest.raises((ValueError, FileNotFoundError)):
+            common.resolve_model_folder(bad)
+    for bad in ("../x", "/abs/path", "a/../../b"):
+        with pytest.raises(ValueError):
+            common.output_subpath(bad)
