@@ -57,3 +57,20 @@ def test_missing_model_file_names_the_file(comfy_server, tiny_models, tmp_path):
     assert err is not None and "diffusion_pytorch_model.safetensors" in err and "vae" in err, err
     entry = comfy_server.run(t2v_graph("tiny-EasyAnimateV5.1-zh-InP", seed=5))
     assert history_error(entry) is None
+
+
+def test_interrupt_stops_sampling_between_steps(comfy_server):
+    import time
+
+    graph = t2v_graph("tiny-EasyAnimateV5-zh-InP", frames=17, seed=11,
+                      extra_sampler={"steps": 200, "width": 128, "height": 128})
+    queued = comfy_server.queue(graph)
+    started = time.time()
+    time.sleep(3.0)
+    comfy_server.interrupt()
+    entry = comfy_server.wait(queued["prompt_id"], timeout=120)
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    assert time.time() - started < 60
+    entry = comfy_server.run(t2v_graph("tiny-EasyAnimateV5-zh-InP", seed=12))
+    assert history_error(entry) is None
