@@ -107,6 +107,15 @@ class ModulePlacement:
                 self._hooks.append(sub.register_forward_pre_hook(hooks.pre))
                 self._hooks.append(sub.register_forward_hook(hooks.post))
 
+    def demote(self, modules: list[nn.Module | None]) -> None:
+        """Free the compute device of these modules now, yet keep them usable: a pipe that was
+        resident on the GPU becomes a whole-module-offload pipe (used again, it moves in as needed)."""
+        if self.mode == "none":
+            self.mode = "model_cpu_offload"
+            for module in modules:
+                if module is not None:
+                    module.to(self.offload_device)
+
     @contextlib.contextmanager
     def use(self, module: nn.Module | None) -> Iterator[None]:
         """Module on the compute device for the duration of the block (no-op unless whole-module offload)."""

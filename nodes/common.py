@@ -73,7 +73,14 @@ class PipeCache:
             return self._pipe
 
     def release(self) -> None:
+        """Drop our reference and free the GPU at once. ComfyUI may still hold the old model in its
+        node-output cache (it frees it when that cache is pruned); if a cached branch uses it again
+        it still works, moving its parts in and out as needed."""
+        old = self._pipe
         self._pipe, self._key = None, None
+        if old is not None:
+            old.placement.demote([old.transformer, old.vae, old.text_encoder, old.text_encoder_2])
+        del old
         gc.collect()
         mm.soft_empty_cache()
 
