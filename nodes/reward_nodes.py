@@ -1,0 +1,197 @@
+"""Reward model nodes: load a reward, combine rewards, score frames, rank candidate videos.
+
+Thin adapters: loading lives in reward/registry.py, batching and ranking in reward/scoring.py,
+plots in reward/plot.py.
+"""
+
+from __future__ import annotations
+
+
+import comfy.model_management as mm
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..reward.base import WeightedReward
+from ..reward.plot import plot_series
+from ..reward.registry import REWARD_KINDS, check_files, expected_files, missing_files, needs_files, load_reward
+from ..reward.scoring import format_frame_scores, format_ranking, rank_videos, score_images, select_videos
+from .common import REWARD_FOLDER, progress_callback
+from .types import RewardModelType
+
+CATEGORY = "EasyAnimate/reward"
+DEVICES = ("auto", "cpu", "gpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMBINE_SLOTS = 4
+
+
+def resolve_device(choice: str) -> torch.device:
+    """auto: the host's compute device (CPU when ComfyUI runs with --cpu); gpu: the same, but an error
+    when it is the CPU; cpu: the CPU (slow for CLIP-H, keeps VRAM for the video model)."""
+    if choice == "cpu":
+        return torch.device("cpu")
+    device = mm.get_torch_device()
+    if choice == "gpu" and torch.device(device).type == "cpu":
+        raise RuntimeError("device 'gpu' was chosen but ComfyUI has no GPU device; choose 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        # bf16 halves the memory of CLIP-H on a GPU; CPUs are fastest and exact in float32.
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+
+
+def find_reward_folder(kind: str) -> str | None:
+    """The first registered reward_models folder that holds everything `kind` needs."""
+    bases = folder_paths.get_folder_paths(REWARD_FOLDER)
+    if not needs_files(kind):
+        return bases[0] if bases else None
+    for base in bases:
+        if not missing_files(kind, base):
+            return base
+    if not bases:
+        raise FileNotFoundError(f"no '{REWARD_FOLDER}' model folder is registered with ComfyUI")
+    check_files(kind, bases[0])  # raises, naming the exact files expected in the default folder
+    return bases[0]
+
+
+def _kind_tooltip() -> str:
+    lines = ["Which reward. Files are read from models/reward_models:"]
+    for kind in REWARD_KINDS:
+        files = [f.path + ("/" if f.is_folder else "") for f in expected_files(kind) if f.required]
+        lines.append(f"{kind}: {', '.join(files) if files else 'no files (weight-free)'}")
+    return "\n".join(lines)
+
+
+class RewardModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EasyAnimateRewardModelLoader",
+            display_name="Load Reward Model",
+            category=CATEGORY,
+            description="Loads a reward model (a frozen, differentiable judge of frames) from models/reward_models, "
+                        "or a weight-free reward. Use it to score, rank, or train towards.",
+            inputs=[
+                io.Combo.Input("kind", options=list(REWARD_KINDS), default="hps_v2.1", tooltip=_kind_tooltip()),
+                io.Combo.Input("device", options=list(DEVICES), default="auto",
+                               tooltip="auto: ComfyUI's compute device. gpu: the same, error if there is none. "
+                                       "cpu: keeps VRAM free for the video model (slow for CLIP-H rewards)."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                               tooltip="Weight dtype. auto: bfloat16 on a GPU that supports it, else float32. "
+                                       "Weight-free rewards always compute in float32."),
+            ],
+            outputs=[RewardModelType.Output(display_name="reward")],
+        )
+
+    @classmethod
+    def execute(cls, kind, device, dtype) -> io.NodeOutput:
+        torch_device = resolve_device(device)
+        reward = load_reward(kind, find_reward_folder(kind), torch_device, resolve_dtype(dtype, torch_device))
+        return io.NodeOutput(reward)
+
+
+class RewardCombine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        inputs = []
+        for slot in range(1, COMBINE_SLOTS + 1):
+            inputs.append(RewardModelType.Input(f"reward_{slot}", optional=True,
+                                                tooltip=f"Reward term {slot} (leave unconnected to skip)."))
+            inputs.append(io.Float.Input(f"weight_{slot}", default=1.0, min=-1000.0, max=1000.0, step=0.01,
+                                         tooltip=f"Weight of reward {slot}; negative penalises it."))
+        return io.Schema(
+            node_id="EasyAnimateRewardCombine",
+            display_name="Combine Rewards",
+            category=CATEGORY,
+            description="Weighted sum of up to four rewards, e.g. 1.0 x HPS + 0.5 x aesthetic - 1.0 x flicker. "
+                        "Rewards live on different scales (HPS ~0.3, PickScore ~20, aesthetic ~5): weigh accordingly.",
+            inputs=inputs,
+            outputs=[RewardModelType.Output(display_name="reward")],
+        )
+
+    @classmethod
+    def execute(cls, **kwargs) -> io.NodeOutput:
+        terms = [
+            (kwargs[f"reward_{slot}"], float(kwargs.get(f"weight_{slot}", 1.0)))
+            for slot in range(1, COMBINE_SLOTS + 1)
+            if kwargs.get(f"reward_{slot}") is not None
+        ]
+        if not terms:
+            raise ValueError("Combine Rewards: connect at least one reward")
+        return io.NodeOutput(WeightedReward(terms))
+
+
+class RewardScoreFrames(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EasyAnimateRewardScoreFrames",
+            display_name="Score Frames with Reward",
+            category=CATEGORY,
+            description="Scores every frame of an IMAGE batch (one video, frames in order) with a reward; "
+                        "outputs the mean, the per-frame scores and a plot of score per frame.",
+            inputs=[
+                RewardModelType.Input("reward"),
+                io.Image.Input("frames", tooltip="Frames (N, H, W, 3) in 0..1, e.g. a sampled video."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The prompt the frames should match (ignored by prompt-free rewards)."),
+                io.Int.Input("batch_size", default=8, min=1, max=256,
+                             tooltip="Frames scored at once: lower it if the reward runs out of memory."),
+            ],
+            outputs=[
+                io.Float.Output(display_name="mean_score"),
+                io.String.Output(display_name="frame_scores"),
+                io.Image.Output(display_name="plot"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, reward, frames, prompt, batch_size) -> io.NodeOutput:
+        scores = score_images(reward, frames, prompt, batch_size, progress=progress_callback(frames.shape[0]))
+        values = scores.tolist()
+        mean = float(scores.mean())
+        plot = plot_series({reward.name: values}, f"{reward.name}: mean {mean:.4g}", "frame", "score")
+        return io.NodeOutput(mean, format_frame_scores(values), plot)
+
+
+class RewardRankCandidates(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EasyAnimateRewardRankCandidates",
+            display_name="Rank Candidate Videos by Reward",
+            category=CATEGORY,
+            description="Best-of-N: scores candidate videos laid out one after another in an IMAGE batch "
+                        "(N = candidates x frames_per_video) and keeps the top_k by mean frame score.",
+            inputs=[
+                RewardModelType.Input("reward"),
+                io.Image.Input("frames", tooltip="All candidates' frames, video after video."),
+                io.Int.Input("frames_per_video", default=25, min=1, max=4096,
+                             tooltip="Frames in each candidate video; the batch size must be a multiple of it."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The prompt the videos should match (ignored by prompt-free rewards)."),
+                io.Int.Input("top_k", default=1, min=1, max=256,
+                             tooltip="How many of the best videos to output (all of them if fewer exist)."),
+                io.Int.Input("batch_size", default=8, min=1, max=256,
+                             tooltip="Frames scored at once: lower it if the reward runs out of memory."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="best_frames", tooltip="The top_k videos' frames, best first."),
+                io.String.Output(display_name="scores", tooltip="Every candidate's rank, index and mean score."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, reward, frames, frames_per_video, prompt, top_k, batch_size) -> io.NodeOutput:
+        ranked = rank_videos(reward, frames, frames_per_video, prompt, batch_size,
+                             progress=progress_callback(frames.shape[0]))
+        best = select_videos(frames, frames_per_video, [video.index for video in ranked[:top_k]])
+        return io.NodeOutput(best, format_ranking(ranked))
+
+
+NODES = [RewardModelLoader, RewardCombine, RewardScoreFrames, RewardRankCandidates]

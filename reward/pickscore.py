@@ -1,0 +1,117 @@
+"""PickScore v1: a transformers CLIP-H fine-tuned on Pick-a-Pic preferences.
+
+score = logit_scale.exp() * cosine(image embedding, text embedding) (PickScore's README; ~20 for a
+good match). Its processor is LAION CLIP-ViT-H-14's: shortest side to 224 (bicubic), centre crop
+224, OpenAI mean/std: our "crop" mode.
+
+Embeddings are taken as `visual_projection(vision_model(x).pooler_output)` and
+`text_projection(text_model(ids).pooler_output)`: transformers 5 turned `get_image_features` /
+`get_text_features` into output objects, the explicit path is identical on 4.x and 5.x.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import torch
+
+from .base import Reward
+from .clip_text import ClipTokenizer, tokenizer_for_folder
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESIZE_MODES, clip_preprocess
+
+log = logging.getLogger(__name__)
+
+PICKSCORE_SOURCE_HINT = "the Hugging Face repo yuvalkirstain/PickScore_v1"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def clip_image_embeddings(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    return model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
+
+
+def clip_text_embeddings(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model.text_projection(model.text_model(input_ids=input_ids).pooler_output)
+
+
+class PickScoreReward(Reward):
+    """PickScore on a transformers `CLIPModel` (CLIP-H for real, a tiny config for tests)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: ClipTokenizer,
+        preprocess_mode: str = "crop",
+        name: str = "pickscore",
+    ):
+        super().__init__()
+        if preprocess_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown preprocess mode {preprocess_mode!r}; choose one of {RESIZE_MODES}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess_mode = preprocess_mode
+        self.image_size = int(model.config.vision_config.image_size)
+        self.name = name
+        self.freeze()
+
+    @property
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.model.parameters())
+        return p.device, p.dtype
+
+    def pixel_values(self, frames: torch.Tensor) -> torch.Tensor:
+        device, dtype = self._device_dtype
+        pixels = clip_preprocess(frames.to(device), self.image_size, self.preprocess_mode, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        return pixels.to(dtype)
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        device, _ = self._device_dtype
+        return clip_text_embeddings(self.model, self.tokenizer(prompts).to(device))
+
+    def score_pixels(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Score already-preprocessed pixel_values (B, 3, 224, 224)."""
+        image = clip_image_embeddings(self.model, pixel_values).float()
+        text = self.text_embeddings(prompts).float()
+        cosine = torch.nn.functional.cosine_similarity(image, text, dim=-1, eps=1e-12)
+        return self.model.logit_scale.float().exp() * cosine
+
+    def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.score_pixels(self.pixel_values(frames), prompts)
+
+
+def check_clip_folder(folder: str | os.PathLike, what: str, hint: str) -> str:
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{what} folder not found: {folder} (a transformers CLIPModel folder, from {hint})")
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"{what}: missing {config} (the folder must hold a transformers CLIPModel from {hint})")
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"{what}: no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)} (from {hint})"
+        )
+    return folder
+
+
+def load_clip_model_folder(folder: str, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import CLIPModel
+
+    # Local files only; transformers reads .bin with weights_only and never runs remote code here.
+    model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_pickscore(
+    folder: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    preprocess_mode: str = "crop",
+) -> PickScoreReward:
+    """PickScore v1 from a local folder (config.json + weights, tokenizer files optional)."""
+    folder = check_clip_folder(folder, "PickScore", PICKSCORE_SOURCE_HINT)
+    model = load_clip_model_folder(folder, device, dtype)
+    tokenizer = tokenizer_for_folder(folder)
+    log.info("loaded PickScore from %s (%s, %s), tokenizer: %s", folder, device, dtype, tokenizer.source)
+    return PickScoreReward(model, tokenizer, preprocess_mode)
