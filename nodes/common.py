@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import comfy.model_management as mm
+import torch
 import comfy.utils
 import folder_paths
 
@@ -67,8 +68,11 @@ class PipeCache:
                 return self._pipe
             self.release()
             mm.unload_all_models()
-            self._pipe = load_pipe(folder, precision, memory_mode, device=mm.get_torch_device(),
-                                   offload_device=mm.unet_offload_device())
+            # ComfyUI executes nodes under torch.inference_mode(); weights created there become
+            # inference tensors, which autograd refuses to save, and reward training needs to.
+            with torch.inference_mode(False):
+                self._pipe = load_pipe(folder, precision, memory_mode, device=mm.get_torch_device(),
+                                       offload_device=mm.unet_offload_device())
             self._key = key
             return self._pipe
 
