@@ -13,7 +13,7 @@ register_model_folders()
 
 # Node modules in the order they appear in the menu. A module that fails to import is reported
 # loudly instead of taking the whole pack down with it.
-_NODE_MODULES = ("model_nodes", "lora_nodes", "reward_nodes", "train_nodes")
+_NODE_MODULES = ("model_nodes", "lora_nodes", "reward_nodes", "train_nodes", "sweep_nodes")
 
 
 def _collect_nodes() -> list[type[io.ComfyNode]]:
