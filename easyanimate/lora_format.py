@@ -1,0 +1,524 @@
+"""LoRA files for the EasyAnimate transformer: read, validate against the loaded model, write.
+
+Two on-disk formats are read:
+- kohya style, as the official EasyAnimate reward LoRAs ship:
+  `lora_unet__<module path with . -> _>.lora_down.weight` (r, in), `.lora_up.weight` (out, r),
+  `.alpha` (scalar), with ORIGINAL EasyAnimate module paths (`attn2.to_q`, ...); optional
+  `lora_te_<...>` keys for the first text encoder.
+- PEFT / diffusers style: `<module path>.lora_A.weight` (r, in), `.lora_B.weight` (out, r), with
+  or without a `base_model.model.` / `transformer.` prefix, alpha from `.alpha` keys, the file's
+  metadata or a PEFT `adapter_config.json` beside it (else alpha = rank).
+
+Flattened kohya names are resolved with a table built from the model's own `named_modules()`
+(flattened name -> module path), so names with underscores (`to_out_0`, `txt_ff`, `text_proj_t5`)
+are never guessed. In memory every target is keyed by its DIFFUSERS module path.
+Files are always written in the official kohya format with original paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .keymap import diffusers_to_original, is_original_only, original_to_diffusers
+
+log = logging.getLogger(__name__)
+
+KOHYA_TRANSFORMER_PREFIX = "lora_unet"
+KOHYA_TEXT_ENCODER_PREFIX = "lora_te"
+PEFT_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.")
+
+_KOHYA_RE = re.compile(r"^(?P<prefix>lora_unet|lora_te[12]?)_+(?P<flat>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+# dotted module path + (lora_A|lora_B|lora_down|lora_up|lora.down|lora.up) [+ adapter name] + .weight, or + .alpha
+_DOTTED_RE = re.compile(
+    r"^(?P<path>.+?)\.(?P<part>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(\.(?P<adapter>[^.]+))?\.weight$"
+)
+_DOTTED_ALPHA_RE = re.compile(r"^(?P<path>.+)\.alpha$")
+_DOWN_PARTS = {"lora_A", "lora_down", "lora.down", "lora_down.weight"}
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA file does not fit the loaded transformer (or is not a LoRA). The message says why."""
+
+
+class NotALoraError(LoraMismatchError):
+    """The file holds no LoRA keys at all (a full checkpoint, or something else)."""
+
+
+@dataclass(eq=False)
+class LoraModule:
+    """The low-rank update of one Linear: delta W = (alpha / rank) * up @ down."""
+
+    down: torch.Tensor  # (rank, in_features)
+    up: torch.Tensor  # (out_features, rank)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def in_features(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
+
+
+@dataclass(eq=False)
+class LoraWeights:
+    """A parsed LoRA. `modules` maps DIFFUSERS module paths of the transformer to their update;
+    `text_encoder_modules` maps flattened module names of the first text encoder (kohya `lora_te_`
+    keys, without the prefix) to theirs. Identity, not value, equality: the patcher compares stacks
+    with `is`, and shallow copies made by `with_mode` share `modules` (see `key`)."""
+
+    modules: dict[str, LoraModule]
+    text_encoder_modules: dict[str, LoraModule] = field(default_factory=dict)
+    source: str = ""
+    format: str = "kohya"  # "kohya" | "peft" | "tensors"
+    metadata: dict[str, str] = field(default_factory=dict)
+    mode: str | None = None  # preferred patch mode ("fused" | "unfused"); None = the patcher's default
+
+    def with_mode(self, mode: str | None) -> "LoraWeights":
+        """A view with another preferred patch mode; shares every tensor."""
+        return replace(self, mode=mode)
+
+    @property
+    def key(self) -> int:
+        """Stays the same for views made by `with_mode` (they share `modules`)."""
+        return id(self.modules)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(m.down.numel() + m.up.numel() for m in self.modules.values())
+
+    @property
+    def ranks(self) -> set[int]:
+        return {m.rank for m in self.modules.values()}
+
+
+def flatten(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def lora_target_modules(transformer: nn.Module) -> dict[str, nn.Module]:
+    """Module paths of the transformer that a LoRA may target (Linear layers)."""
+    return {name: m for name, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def flat_name_table(transformer: nn.Module) -> dict[str, str]:
+    """Flattened name -> diffusers module path, for both diffusers and original naming."""
+    table: dict[str, str] = {}
+    for path in lora_target_modules(transformer):
+        for name in {flatten(path), flatten(diffusers_to_original(path))}:
+            other = table.setdefault(name, path)
+            if other != path:  # would make a kohya key ambiguous; does not happen for this class
+                raise ValueError(f"flattened name {name!r} is ambiguous: {other!r} and {path!r}")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+        except Exception as e:  # safetensors raises several types for a bad header
+            raise LoraMismatchError(f"cannot read LoRA file {path}: {e}. The file is corrupt or incomplete.") from e
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise NotALoraError(f"{path} does not hold a flat dict of tensors; it is not a LoRA")
+        return dict(state), {}
+    raise LoraMismatchError(f"{path}: unsupported LoRA file type {path.suffix!r} (use .safetensors)")
+
+
+def _describe_non_lora(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    keys = sorted(tensors)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    looks_transformer = any(re.match(r"^(model\.|transformer\.|model\.diffusion_model\.)?transformer_blocks\.\d+\.", k) for k in keys)
+    what = ("it looks like a full transformer checkpoint; model weights belong in a model folder "
+            "under models/easyanimate/, not in models/loras/") if looks_transformer else "it is not a LoRA"
+    return (f"{path} holds {len(keys)} tensors ({nbytes / 2**30:.2f} GiB) and no LoRA keys "
+            f"(lora_down/lora_up or lora_A/lora_B): {what}. First keys: {', '.join(keys[:4])}")
+
+
+@dataclass
+class _RawEntry:
+    """One LoRA target as found in the file, before name resolution."""
+
+    name: str  # flattened kohya name or dotted path
+    dotted: bool
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+
+
+def _group_keys(path: Path, tensors: dict[str, torch.Tensor]):
+    transformer: dict[str, _RawEntry] = {}
+    text_encoder: dict[str, _RawEntry] = {}
+    skipped_te2 = 0
+    unknown: list[str] = []
+    alphas: dict[str, float] = {}
+    fmt = None
+    for key, value in tensors.items():
+        m = _KOHYA_RE.match(key)
+        if m:
+            fmt = fmt or "kohya"
+            if m["prefix"] == "lora_te2":
+                skipped_te2 += 1
+                continue
+            target = transformer if m["prefix"] == "lora_unet" else text_encoder
+            entry = target.setdefault(m["flat"], _RawEntry(m["flat"], dotted=False))
+            if m["part"] == "alpha":
+                entry.alpha = float(value.float().item())
+            elif m["part"] == "lora_down.weight":
+                entry.down = value
+            else:
+                entry.up = value
+            continue
+        m = _DOTTED_RE.match(key)
+        if m:
+            fmt = fmt or "peft"
+            entry = transformer.setdefault(m["path"], _RawEntry(m["path"], dotted=True))
+            if m["part"] in _DOWN_PARTS:
+                entry.down = value
+            else:
+                entry.up = value
+            continue
+        m = _DOTTED_ALPHA_RE.match(key)
+        if m and value.numel() == 1:
+            alphas[m["path"]] = float(value.float().item())
+            continue
+        unknown.append(key)
+    if not transformer and not text_encoder:
+        if skipped_te2:
+            raise LoraMismatchError(f"{path} only has keys for a second text encoder (lora_te2_); "
+                                    "nothing in it applies to the EasyAnimate transformer")
+        raise NotALoraError(_describe_non_lora(path, tensors))
+    if unknown:
+        raise LoraMismatchError(
+            f"{path} has {len(unknown)} keys that are not plain LoRA down/up/alpha tensors "
+            f"(DoRA, LoHa, LoKr and bias updates are not supported): {', '.join(sorted(unknown)[:5])}")
+    if skipped_te2:
+        log.warning("%s: ignoring %d lora_te2_ keys (second text encoder is not patched)", path, skipped_te2)
+    for name, alpha in alphas.items():
+        if name in transformer:
+            transformer[name].alpha = alpha
+    for entries in (transformer, text_encoder):
+        for entry in entries.values():
+            if entry.down is None or entry.up is None:
+                missing = "down (lora_down / lora_A)" if entry.down is None else "up (lora_up / lora_B)"
+                raise LoraMismatchError(f"{path}: LoRA target {entry.name!r} has no {missing} tensor")
+            if entry.down.ndim != 2 or entry.up.ndim != 2:
+                raise LoraMismatchError(
+                    f"{path}: LoRA target {entry.name!r} has {entry.down.ndim}-D tensors; only Linear "
+                    "LoRAs (2-D down/up) are supported")
+    return transformer, text_encoder, fmt
+
+
+def _peft_alpha_config(path: Path, metadata: dict[str, str]) -> tuple[float | None, dict[str, float]]:
+    """(default lora_alpha, per-module alpha pattern) from safetensors metadata or adapter_config.json."""
+    sources = []
+    if "lora_adapter_metadata" in metadata:
+        try:
+            sources.append(json.loads(metadata["lora_adapter_metadata"]))
+        except json.JSONDecodeError:
+            pass
+    config_file = path.parent / "adapter_config.json"
+    if config_file.is_file():
+        try:
+            sources.append(json.loads(config_file.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("%s is not valid JSON; ignoring it", config_file)
+    for src in sources:
+        alpha = next((v for k, v in src.items() if k.endswith("lora_alpha")), None)
+        pattern = next((v for k, v in src.items() if k.endswith("alpha_pattern")), None) or {}
+        if alpha is not None:
+            return float(alpha), {str(k): float(v) for k, v in pattern.items()}
+    return None, {}
+
+
+def _strip_peft_prefix(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in PEFT_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# what a LoRA / a model looks like (for error messages)
+
+
+def _shape_summary_from_flat(entries: Mapping[str, tuple[int, int]]) -> dict:
+    """Infer transformer sizes from flattened target names -> (in, out) of each LoRA."""
+    info: dict = {}
+    blocks = {int(m.group(1)) for n in entries if (m := re.match(r"^transformer_blocks_(\d+)_", n))}
+    if blocks:
+        info["layers"] = max(blocks) + 1
+    for name, (fan_in, fan_out) in entries.items():
+        if re.match(r"^transformer_blocks_\d+_attn1_to_q$", name):
+            info.setdefault("width", fan_in)
+        elif re.match(r"^transformer_blocks_\d+_ff_net_0_proj$", name):
+            info.setdefault("ff_inner", fan_out)
+        elif re.match(r"^transformer_blocks_\d+_norm1_linear$", name):
+            info.setdefault("time_embed_dim", fan_in)
+        elif name == "proj_out":
+            info.setdefault("width", fan_in)
+        elif name == "text_proj":
+            info["text_input"] = fan_in
+        elif name == "text_proj_t5":
+            info["t5_input"] = fan_in
+    return info
+
+
+def _size_words(info: dict) -> str:
+    if not info:
+        return "no EasyAnimate transformer module names"
+    words = []
+    if "width" in info:
+        words.append(f"width {info['width']}")
+    if "layers" in info:
+        words.append(f"{info['layers']} layers")
+    if "ff_inner" in info:
+        words.append(f"feed-forward {info['ff_inner']}")
+    if "text_input" in info:
+        words.append(f"text_proj input {info['text_input']}")
+    words.append(f"T5 projection input {info['t5_input']}" if "t5_input" in info else "no T5 projection")
+    guess = []
+    if info.get("width") == 3072:
+        guess.append({48: "12b"}.get(info.get("layers"), "7b?" if info.get("layers", 48) < 48 else "?"))
+    if "t5_input" in info:
+        guess.append("V5 (Bert + T5)")
+    elif info.get("text_input") == 3584:
+        guess.append("V5.1 (Qwen2-VL)")
+    text = ", ".join(words)
+    return f"{text} [EasyAnimate {' '.join(guess)}]" if guess else text
+
+
+def describe_transformer(transformer: nn.Module) -> str:
+    shapes = {flatten(diffusers_to_original(p)): (m.in_features, m.out_features)
+              for p, m in lora_target_modules(transformer).items()}
+    return _size_words(_shape_summary_from_flat(shapes))
+
+
+def _flat_shapes(entries: Mapping[str, _RawEntry]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for entry in entries.values():
+        name = entry.name
+        if entry.dotted:
+            name = flatten(diffusers_to_original(original_to_diffusers(_strip_peft_prefix(name))))
+        out[name] = (entry.down.shape[1], entry.up.shape[0])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# public: load / validate
+
+
+def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> LoraWeights:
+    """Read a LoRA file (kohya or PEFT format) and check that every target exists in `transformer`
+    with matching shapes. Raises LoraMismatchError / NotALoraError with a clear message otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist (LoRAs belong in models/loras/)")
+    tensors, metadata = _read_tensors(path)
+    raw, raw_te, fmt = _group_keys(path, tensors)
+    del tensors
+    targets = lora_target_modules(transformer)
+    table = flat_name_table(transformer)
+    default_alpha, alpha_pattern = (None, {})
+    if fmt == "peft":
+        default_alpha, alpha_pattern = _peft_alpha_config(path, metadata)
+
+    modules: dict[str, LoraModule] = {}
+    unmatched, skipped, wrong_shapes = [], [], []
+    for entry in raw.values():
+        if entry.dotted:
+            dotted = _strip_peft_prefix(entry.name)
+            module_path = dotted if dotted in targets else original_to_diffusers(dotted)
+            original_path = diffusers_to_original(module_path)
+        else:
+            module_path = table.get(entry.name)
+            original_path = None
+        if module_path not in targets:
+            if entry.dotted and is_original_only(original_path):
+                skipped.append(entry.name)
+            elif not entry.dotted and re.match(r"^(ref_proj|clip_proj|swa_layers)(_|$)", entry.name):
+                skipped.append(entry.name)
+            else:
+                unmatched.append(entry.name)
+            continue
+        linear = targets[module_path]
+        if entry.down.shape[0] != entry.up.shape[1]:
+            wrong_shapes.append(f"{module_path}: down {tuple(entry.down.shape)} and up {tuple(entry.up.shape)} "
+                                "disagree on the rank")
+            continue
+        if entry.down.shape[1] != linear.in_features or entry.up.shape[0] != linear.out_features:
+            wrong_shapes.append(f"{module_path}: LoRA {entry.down.shape[1]}->{entry.up.shape[0]} vs model "
+                                f"{linear.in_features}->{linear.out_features}")
+            continue
+        alpha = entry.alpha
+        if alpha is None and fmt == "peft":
+            alpha = next((v for k, v in alpha_pattern.items() if module_path.endswith(k)), default_alpha)
+        if alpha is None:
+            alpha = float(entry.down.shape[0])  # no alpha anywhere: scale 1, as the reference merge does
+        modules[module_path] = LoraModule(entry.down, entry.up, float(alpha))
+
+    if unmatched or wrong_shapes or not modules:
+        total = len(raw)
+        parts = [f"LoRA {path.name} does not fit the loaded EasyAnimate transformer: "
+                 f"{len(modules)} of {total} LoRA modules match by name and shape"]
+        if unmatched:
+            parts.append(f"{len(unmatched)} names have no module in this model (e.g. {', '.join(sorted(unmatched)[:3])})")
+        if wrong_shapes:
+            parts.append(f"{len(wrong_shapes)} shapes differ (e.g. {'; '.join(wrong_shapes[:3])})")
+        parts.append(f"the file looks made for: {_size_words(_shape_summary_from_flat(_flat_shapes(raw)))}")
+        parts.append(f"the loaded model is: {describe_transformer(transformer)}")
+        if len(modules) == 0 and unmatched and not any(n.startswith("transformer_blocks") for n in
+                                                        (flatten(_strip_peft_prefix(u)) for u in unmatched)):
+            parts.append("the names do not look like EasyAnimate at all: it was probably made for another architecture")
+        raise LoraMismatchError("; ".join(parts) + ".")
+    if skipped:
+        log.warning("%s: skipping %d LoRA modules of original-only layers (%s)", path, len(skipped), skipped[0])
+
+    text_encoder_modules = {
+        e.name: LoraModule(e.down, e.up, float(e.alpha if e.alpha is not None else e.down.shape[0]))
+        for e in raw_te.values()
+    }
+    return LoraWeights(modules, text_encoder_modules, source=str(path), format=fmt or "kohya", metadata=metadata)
+
+
+def resolve_text_encoder_modules(weights: LoraWeights, text_encoder: nn.Module) -> dict[str, LoraModule]:
+    """Map the kohya `lora_te_` entries onto module paths of the first text encoder (same
+    flattened-name table approach), checking shapes. Empty when the LoRA has no such entries."""
+    if not weights.text_encoder_modules:
+        return {}
+    linears = {flatten(n): (n, m) for n, m in text_encoder.named_modules() if isinstance(m, nn.Linear)}
+    resolved, problems = {}, []
+    for flat, lora in weights.text_encoder_modules.items():
+        if flat not in linears:
+            problems.append(f"{flat}: no such Linear")
+            continue
+        name, linear = linears[flat]
+        if (lora.in_features, lora.out_features) != (linear.in_features, linear.out_features):
+            problems.append(f"{name}: LoRA {lora.in_features}->{lora.out_features} vs model "
+                            f"{linear.in_features}->{linear.out_features}")
+            continue
+        resolved[name] = lora
+    if problems:
+        raise LoraMismatchError(
+            f"{weights.source}: {len(resolved)} of {len(weights.text_encoder_modules)} text-encoder LoRA modules "
+            f"fit {type(text_encoder).__name__}; {'; '.join(problems[:3])}")
+    return resolved
+
+
+def text_encoder_weights(weights: LoraWeights, text_encoder: nn.Module) -> LoraWeights:
+    """The `lora_te_` part of a LoRA as LoraWeights keyed by the text encoder's module paths, so a
+    second LoraPatcher can patch the text encoder exactly like the transformer. The LoraModule
+    objects are shared, so re-syncing an unchanged stack rewrites nothing."""
+    return LoraWeights(resolve_text_encoder_modules(weights, text_encoder), source=weights.source,
+                       format=weights.format, metadata=weights.metadata, mode=weights.mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# building / writing
+
+
+def weights_from_tensors(
+    tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    alpha: float | Mapping[str, float],
+    text_encoder: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> LoraWeights:
+    """LoraWeights from {diffusers module path: (down (r, in), up (out, r))}, e.g. a trainer's
+    adapters. Tensors are detached and copied to CPU, so later optimiser steps do not change them.
+    `alpha` is one number or one per path. `text_encoder` is keyed by flattened module names."""
+
+    def snapshot(down: torch.Tensor, up: torch.Tensor, a: float) -> LoraModule:
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise ValueError(f"down {tuple(down.shape)} / up {tuple(up.shape)} are not a (r, in) / (out, r) pair")
+        return LoraModule(down.detach().to("cpu", copy=True), up.detach().to("cpu", copy=True), float(a))
+
+    def alpha_for(path: str) -> float:
+        return alpha[path] if isinstance(alpha, Mapping) else alpha
+
+    modules = {path: snapshot(d, u, alpha_for(path)) for path, (d, u) in tensors.items()}
+    te = {name: snapshot(d, u, alpha_for(name)) for name, (d, u) in (text_encoder or {}).items()}
+    return LoraWeights(modules, te, source="tensors", format="tensors", metadata=dict(metadata or {}))
+
+
+def kohya_state_dict(weights: LoraWeights, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The official EasyAnimate key layout (original module paths), tensors cast to `dtype`."""
+    state: dict[str, torch.Tensor] = {}
+
+    def put(prefix: str, flat: str, lora: LoraModule) -> None:
+        name = f"{prefix}_{flat}"
+        state[f"{name}.lora_down.weight"] = lora.down.detach().to("cpu", dtype).contiguous()
+        state[f"{name}.lora_up.weight"] = lora.up.detach().to("cpu", dtype).contiguous()
+        state[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=dtype)
+
+    for path, lora in weights.modules.items():
+        # "lora_unet" + "_" + "_<flat>": the official trainer joins an empty root name, hence "__".
+        put(KOHYA_TRANSFORMER_PREFIX + "_", flatten(diffusers_to_original(path)), lora)
+    for flat, lora in weights.text_encoder_modules.items():
+        put(KOHYA_TEXT_ENCODER_PREFIX, flat, lora)
+    return state
+
+
+def save_lora_file(
+    path: str | os.PathLike,
+    weights: LoraWeights,
+    dtype: torch.dtype = torch.bfloat16,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write `weights` as an official-format kohya safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRA files are written as .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = kohya_state_dict(weights, dtype)
+    ranks = sorted(weights.ranks)
+    alphas = sorted({m.alpha for m in weights.modules.values()})
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
+        "ss_network_alpha": str(alphas[0]) if len(alphas) == 1 else json.dumps(alphas),
+        "format": "pt",
+    }
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,370 @@
+"""Make a transformer compute base + sum(strength_i * delta_i) for a stack of LoRAs, and undo it.
+
+One `LoraPatcher` per pipe (`get_patcher(pipe)`). `sync(transformer, loras, mode)` brings the
+transformer to exactly the requested stack, doing only the work that differs from what is patched:
+
+- "fused": the first time a weight is touched, a CPU copy of it (original dtype, e.g. bf16 or
+  float8_e4m3fn) is kept while it stays patched. The patched weight is always recomputed FROM THAT COPY:
+  cast(backup.float() + sum strength * scale * up @ down). Nothing is ever subtracted, so strength
+  changes cannot drift, and restoring copies the backup back: bitwise the original weights.
+  Costs one extra copy of the touched weights in CPU RAM. Inference runs at base speed.
+- "unfused": a forward hook on each targeted Linear adds strength * scale * up(down(x)); base
+  weights are never written, removal is instant and exact. The LoRA tensors move to the input's
+  device when first used there. Recommended for float8 weights (a fused delta is mostly lost in
+  fp8 rounding) and for quick strength exploration; costs two small matmuls per Linear per forward.
+
+Works under every memory mode of easyanimate/memory.py: weights are accessed through the module
+each time (offload hooks replace `param.data`), patched in place on whatever device they rest on,
+and float8 weights are merged in float32 and re-quantised (with saturation to the fp8 range).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .lora_format import LoraModule
+
+MODES = ("fused", "unfused")
+# Used when neither the sync call nor the LoRA (LoraWeights.mode) names a mode.
+DEFAULT_MODE = "fused"
+
+# fp32 work buffer per chunk of rows, in elements. Large on purpose: each chunk is a few parallel
+# regions, and on a busy CPU every region waits for all threads, so fewer, bigger chunks win over
+# cache-sized ones (measured); 2**26 holds a whole 12b feed-forward weight (151 MB).
+_CPU_CHUNK_ELEMENTS = 1 << 26
+_DEVICE_CHUNK_ELEMENTS = 1 << 28
+
+Progress = Callable[[int, int], None]
+
+
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _cast_into(dst: torch.Tensor, src32: torch.Tensor) -> None:
+    """dst.copy_(src32), saturating to the fp8 range (a plain cast turns overflow into NaN)."""
+    if _is_float8(dst.dtype):
+        limit = torch.finfo(dst.dtype).max
+        src32 = src32.clamp(-limit, limit)
+    dst.copy_(src32)
+
+
+# One term of a module's update: (LoRA, coefficient = strength * alpha / rank).
+Term = tuple[LoraModule, float]
+
+
+def _terms_signature(terms: Sequence[Term]) -> tuple:
+    # Holds the LoraModule objects themselves (compared with `is`): an id could be reused.
+    return tuple((lora, coef) for lora, coef in terms)
+
+
+def _same_terms(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(la is lb and ca == cb for (la, ca), (lb, cb) in zip(a, b))
+
+
+class Workspace:
+    """Reusable float32 scratch memory for merges on the CPU. Fresh large allocations are returned
+    to the OS when freed and page-fault again on the next merge, which costs more than the merge
+    arithmetic itself; one buffer reused across weights avoids that. (Accelerator allocators
+    cache on their own, so device scratch is not kept.)"""
+
+    def __init__(self):
+        self._flat: torch.Tensor | None = None
+
+    def take(self, device: torch.device, shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        sizes = [rows * cols for rows, cols in shapes]
+        total = sum(sizes)
+        if device.type != "cpu":
+            flat = torch.empty(total, dtype=torch.float32, device=device)
+        else:
+            if self._flat is None or self._flat.numel() < total:
+                self._flat = torch.empty(total, dtype=torch.float32)
+            flat = self._flat
+        views, offset = [], 0
+        for shape, size in zip(shapes, sizes):
+            views.append(flat[offset: offset + size].view(shape))
+            offset += size
+        return views
+
+
+def merged_weight_(
+    weight: torch.Tensor,
+    base: torch.Tensor,
+    terms: Sequence[Term],
+    chunk_elements: int | None = None,
+    workspace: Workspace | None = None,
+) -> None:
+    """weight <- cast(base.float() + sum coef * up @ down), in row chunks, on weight's device.
+    `base` may live elsewhere (a CPU backup); `weight` is written in place."""
+    device = weight.device
+    rows, cols = weight.shape
+    if chunk_elements is None:
+        chunk_elements = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    chunk = max(1, min(rows, chunk_elements // max(cols, 1)))
+    shapes = [(chunk, cols)]
+    for lora, _ in terms:
+        shapes += [tuple(lora.up.shape), tuple(lora.down.shape)]
+    buffer, *factor_buffers = (workspace or Workspace()).take(device, shapes)
+    factors = []
+    for i, (lora, coef) in enumerate(terms):
+        up, down = factor_buffers[2 * i], factor_buffers[2 * i + 1]
+        up.copy_(lora.up)
+        down.copy_(lora.down)
+        factors.append((up, down, coef))
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        work = buffer[: stop - start]
+        work.copy_(base[start:stop])  # upcast (and host-to-device copy when base is a CPU backup)
+        for up, down, coef in factors:
+            work.addmm_(up[start:stop], down, alpha=coef)
+        _cast_into(weight[start:stop], work)
+
+
+class _LoraAdapterHook:
+    """Forward hook adding sum coef * up(down(x)) to a Linear's output, without touching its weight.
+    Several LoRAs on one Linear are concatenated along the rank, so one pair of matmuls serves the
+    whole stack; the coefficients scale the small rank-R intermediate. A single LoRA is used without
+    copying its tensors (the file's own bf16 tensors when the activations are bf16 on CPU)."""
+
+    def __init__(self, terms: Sequence[Term], keep_on_device: bool):
+        if len(terms) == 1:
+            self.down, self.up = terms[0][0].down, terms[0][0].up
+        else:
+            dtype = torch.promote_types(terms[0][0].down.dtype, terms[0][0].up.dtype)
+            self.down = torch.cat([lora.down.to(dtype) for lora, _ in terms], dim=0)  # (R, in)
+            self.up = torch.cat([lora.up.to(dtype) for lora, _ in terms], dim=1)  # (out, R)
+        self.coefs = torch.cat([torch.full((lora.rank,), coef, dtype=torch.float32) for lora, coef in terms])
+        self.keep_on_device = keep_on_device
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _factors(self, device: torch.device, dtype: torch.dtype):
+        key = (device, dtype)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        factors = tuple(t.to(device, dtype, non_blocking=True) for t in (self.down, self.up, self.coefs))
+        if self.keep_on_device or device.type == "cpu":
+            self._cache[key] = factors
+        return factors
+
+    def __call__(self, module: nn.Module, args, output):
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return output
+        down, up, coefs = self._factors(output.device, output.dtype)
+        hidden = nn.functional.linear(x.to(output.device, output.dtype), down) * coefs
+        return output + nn.functional.linear(hidden, up)
+
+
+@dataclass
+class _Fused:
+    signature: tuple  # of the terms currently merged into the weight
+
+
+class LoraPatcher:
+    """Owns what is patched into one transformer right now. See the module docstring."""
+
+    def __init__(self, keep_adapters_on_device: bool = True):
+        # path -> CPU copy of the untouched weight (original dtype), kept while the weight is patched
+        self._backups: dict[str, torch.Tensor] = {}
+        self._fused: dict[str, _Fused] = {}
+        self._adapters: dict[str, tuple[tuple, torch.utils.hooks.RemovableHandle]] = {}
+        self._transformer_ref: weakref.ref | None = None
+        # The last synced request, holding references (compared with `is`) so ids cannot be reused.
+        self._last_request: tuple | None = None
+        self._lock = threading.RLock()
+        # False under sequential offload: adapter tensors then move to the device per forward
+        # instead of staying there.
+        self.keep_adapters_on_device = keep_adapters_on_device
+        self._workspace = Workspace()
+        self.work_done = 0  # number of weights rewritten / hooks (re)installed; for tests and logs
+
+    # -- public ---------------------------------------------------------------------------------
+
+    @property
+    def is_patched(self) -> bool:
+        return bool(self._fused or self._adapters)
+
+    @property
+    def backup_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._backups.values())
+
+    def sync(
+        self,
+        transformer: nn.Module,
+        loras: Iterable = (),
+        mode: str | None = None,
+        progress: Progress | None = None,
+    ) -> bool:
+        """Make `transformer` compute base + sum over `loras` (AppliedLora: .weights, .strength).
+        `mode`: "fused" | "unfused" for the whole stack; None = each LoRA's `weights.mode`, else
+        DEFAULT_MODE. Returns False when nothing had to change (same stack as the last call)."""
+        loras = tuple(loras)
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"unknown LoRA patch mode {mode!r}; choose one of {', '.join(MODES)}")
+        with self._lock:
+            self._check_transformer(transformer)
+            request = (mode, tuple((lora.weights, float(lora.strength)) for lora in loras))
+            if self._same_request(request):
+                return False
+            fused_targets, unfused_targets = self._targets(loras, mode)
+            linears = self._linears(transformer, set(fused_targets) | set(unfused_targets) | set(self._fused))
+            self._check_shapes(linears, fused_targets, unfused_targets)
+            total = len(set(self._fused) | set(fused_targets)) + len(set(self._adapters) | set(unfused_targets))
+            step = _Stepper(progress, total)
+            with torch.no_grad():
+                self._sync_adapters(linears, unfused_targets, step)
+                self._sync_fused(linears, fused_targets, step)
+            self._last_request = request
+            return True
+
+    def restore(self, transformer: nn.Module) -> None:
+        """Back to the base weights: bitwise for fused weights, hooks removed."""
+        self.sync(transformer, ())
+
+    def base_weight(self, transformer: nn.Module, path: str) -> torch.Tensor:
+        """The unpatched weight of a Linear (the backup if it is patched, else the live weight)."""
+        backup = self._backups.get(path) if path in self._fused else None
+        return backup if backup is not None else transformer.get_submodule(path).weight.data
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _check_transformer(self, transformer: nn.Module) -> None:
+        current = self._transformer_ref() if self._transformer_ref is not None else None
+        if current is None:
+            self._transformer_ref = weakref.ref(transformer)
+            self._backups.clear()
+            self._fused.clear()
+            self._adapters.clear()
+            self._last_request = None
+        elif current is not transformer:
+            raise ValueError("this LoraPatcher belongs to another transformer; use one patcher per pipe")
+
+    def _same_request(self, request: tuple) -> bool:
+        last = self._last_request
+        if last is None or last[0] != request[0] or len(last[1]) != len(request[1]):
+            return False
+        return all(a is b and sa == sb for (a, sa), (b, sb) in zip(last[1], request[1]))
+
+    @staticmethod
+    def _targets(loras: Sequence, mode: str | None) -> tuple[dict[str, list[Term]], dict[str, list[Term]]]:
+        fused: dict[str, list[Term]] = {}
+        unfused: dict[str, list[Term]] = {}
+        for applied in loras:
+            strength = float(applied.strength)
+            if strength == 0.0:
+                continue
+            weights = applied.weights
+            chosen = mode or getattr(weights, "mode", None) or DEFAULT_MODE
+            if chosen not in MODES:
+                raise ValueError(f"LoRA {applied.name!r}: unknown patch mode {chosen!r}")
+            target = fused if chosen == "fused" else unfused
+            for path, lora in weights.modules.items():
+                target.setdefault(path, []).append((lora, strength * lora.scale))
+        return fused, unfused
+
+    @staticmethod
+    def _linears(transformer: nn.Module, paths: set[str]) -> dict[str, nn.Module]:
+        linears = {}
+        for path in paths:
+            try:
+                module = transformer.get_submodule(path)
+            except AttributeError as e:
+                raise ValueError(f"LoRA targets {path!r}, which this transformer does not have") from e
+            if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.ndim != 2:
+                raise ValueError(f"LoRA target {path!r} is a {type(module).__name__}, not a Linear")
+            linears[path] = module
+        return linears
+
+    @staticmethod
+    def _check_shapes(linears: dict[str, nn.Module], *targets: dict[str, list[Term]]) -> None:
+        # Checked before anything is written, so a bad stack leaves the model as it was.
+        for target in targets:
+            for path, terms in target.items():
+                out_features, in_features = linears[path].weight.shape
+                for lora, _ in terms:
+                    if (lora.out_features, lora.in_features) != (out_features, in_features):
+                        raise ValueError(f"LoRA for {path} is {lora.in_features}->{lora.out_features} but the "
+                                         f"model's layer is {in_features}->{out_features}; it was made for "
+                                         "another model (load it with load_lora_file to see which)")
+
+    def _sync_adapters(self, linears: dict[str, nn.Module], targets: dict[str, list[Term]], step) -> None:
+        for path in list(self._adapters):
+            if path not in targets:
+                self._adapters.pop(path)[1].remove()
+                self.work_done += 1
+                step()
+        for path, terms in targets.items():
+            signature = _terms_signature(terms)
+            current = self._adapters.get(path)
+            if current is not None and _same_terms(current[0], signature):
+                step()
+                continue
+            if current is not None:
+                current[1].remove()
+            hook = _LoraAdapterHook(terms, self.keep_adapters_on_device)
+            self._adapters[path] = (signature, linears[path].register_forward_hook(hook))
+            self.work_done += 1
+            step()
+
+    def _sync_fused(self, linears: dict[str, nn.Module], targets: dict[str, list[Term]], step) -> None:
+        for path in list(self._fused):
+            if path not in targets:
+                self._restore_one(linears[path], path)
+                step()
+        for path, terms in targets.items():
+            signature = _terms_signature(terms)
+            current = self._fused.get(path)
+            if current is not None and _same_terms(current.signature, signature):
+                step()
+                continue
+            weight = linears[path].weight
+            backup = self._backup_of(path, weight)
+            merged_weight_(weight.data, backup, terms, workspace=self._workspace)
+            self._fused[path] = _Fused(signature)
+            self.work_done += 1
+            step()
+
+    def _backup_of(self, path: str, weight: torch.Tensor) -> torch.Tensor:
+        backup = self._backups.get(path)
+        if backup is None:  # first touch since the weight was last unpatched
+            backup = weight.data.detach().to("cpu", copy=True)
+            self._backups[path] = backup
+        return backup
+
+    def _restore_one(self, module: nn.Module, path: str) -> None:
+        weight = module.weight.data
+        backup = self._backups.pop(path)  # a backup lives only while its weight is patched
+        if backup.dtype == weight.dtype:
+            weight.copy_(backup)  # same dtype: a bitwise copy (across devices too)
+        else:  # the weight was re-cast while patched (memory mode change): the base in the new dtype
+            _cast_into(weight, backup.to(weight.device, torch.float32))
+        del self._fused[path]
+        self.work_done += 1
+
+
+class _Stepper:
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def get_patcher(pipe) -> LoraPatcher:
+    """The pipe's patcher, created on first use (EasyAnimatePipe.lora_patcher)."""
+    patcher = getattr(pipe, "lora_patcher", None)
+    if patcher is None:
+        placement = getattr(pipe, "placement", None)
+        sequential = getattr(placement, "mode", None) == "sequential_cpu_offload"
+        patcher = LoraPatcher(keep_adapters_on_device=not sequential)
+        pipe.lora_patcher = patcher
+    return patcher
