@@ -71,7 +71,7 @@ class RewardModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EasyAnimateRewardModelLoader",
+            node_id="RewardModelLoader",
             display_name="Load Reward Model",
             category=CATEGORY,
             description="Loads a reward model (a frozen, differentiable judge of frames) from models/reward_models, "
@@ -105,7 +105,7 @@ class RewardCombine(io.ComfyNode):
             inputs.append(io.Float.Input(f"weight_{slot}", default=1.0, min=-1000.0, max=1000.0, step=0.01,
                                          tooltip=f"Weight of reward {slot}; negative penalises it."))
         return io.Schema(
-            node_id="EasyAnimateRewardCombine",
+            node_id="RewardCombine",
             display_name="Combine Rewards",
             category=CATEGORY,
             description="Weighted sum of up to four rewards, e.g. 1.0 x HPS + 0.5 x aesthetic - 1.0 x flicker. "
@@ -130,7 +130,7 @@ class RewardScoreFrames(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EasyAnimateRewardScoreFrames",
+            node_id="RewardScoreFrames",
             display_name="Score Frames with Reward",
             category=CATEGORY,
             description="Scores every frame of an IMAGE batch (one video, frames in order) with a reward; "
@@ -163,7 +163,7 @@ class RewardRankCandidates(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EasyAnimateRewardRankCandidates",
+            node_id="RewardRankCandidates",
             display_name="Rank Candidate Videos by Reward",
             category=CATEGORY,
             description="Best-of-N: scores candidate videos laid out one after another in an IMAGE batch "

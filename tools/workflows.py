@@ -469,7 +469,7 @@ def install_tiny_assets(base: str | os.PathLike, graph: Mapping[str, Any] | None
         image.parent.mkdir(parents=True, exist_ok=True)
         gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
         Image.fromarray(gradient).save(image)
-    uses_rewards = graph is None or any(n["class_type"] == "EasyAnimateRewardModelLoader" for n in graph.values())
+    uses_rewards = graph is None or any(n["class_type"] == "RewardModelLoader" for n in graph.values())
     rewards = base / "models" / "reward_models"
     if uses_rewards and not (rewards / "HPS_v2.1_compressed.pt").is_file():
         from ..reward.registry import write_tiny_reward_models
