@@ -77,6 +77,7 @@ class ModulePlacement:
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
         self._hooks: list = []
+        self._depth: dict[int, int] = {}  # id(module) -> nesting depth of use()
 
     @property
     def offloads_whole_modules(self) -> bool:
@@ -118,14 +119,23 @@ class ModulePlacement:
 
     @contextlib.contextmanager
     def use(self, module: nn.Module | None) -> Iterator[None]:
-        """Module on the compute device for the duration of the block (no-op unless whole-module offload)."""
+        """Module on the compute device for the duration of the block (no-op unless whole-module
+        offload). Reentrant: only the outermost block moves the module, so a trainer can hold the
+        transformer in across forward and backward while the sampler's own blocks nest inside."""
         if module is None or not self.offloads_whole_modules or self.device == self.offload_device:
             yield
             return
-        module.to(self.device)
+        key = id(module)
+        depth = self._depth.get(key, 0)
+        if depth == 0:
+            module.to(self.device)
+        self._depth[key] = depth + 1
         try:
             yield
         finally:
-            module.to(self.offload_device)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._depth[key] -= 1
+            if self._depth[key] == 0:
+                del self._depth[key]
+                module.to(self.offload_device)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()

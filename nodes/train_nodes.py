@@ -1,0 +1,218 @@
+"""Reward LoRA training as a node: EASYANIMATE_MODEL + REWARD_MODEL + prompts -> trained LoRA."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..easyanimate.lora_format import load_lora_file
+from ..training.config import BACKPROP_STRATEGIES, TrainConfig
+from ..training.prompts import load_prompts
+from ..training.trainer import RewardLoRATrainer as CoreTrainer, StepReport, history_plot
+from .common import LORA_FOLDER, output_subpath
+from .types import EasyAnimateModelType, RewardModelType
+
+log = logging.getLogger(__name__)
+
+NO_RESUME = "[none]"
+_UNSAFE = re.compile(r"[^\w.\- /]")
+
+
+def sanitize_lora_name(name: str) -> str:
+    """A relative .safetensors path under models/loras: odd characters become '_', no '..', no
+    absolute paths (checked again against the real folder by output_subpath)."""
+    cleaned = _UNSAFE.sub("_", str(name).replace("\\", "/")).strip().strip("/")
+    parts = [p.strip() for p in cleaned.split("/") if p.strip() not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        raise ValueError(f"lora_name {name!r} must be a file name (optionally in a sub-folder) inside models/loras")
+    cleaned = "/".join(parts)
+    if not cleaned.endswith(".safetensors"):
+        cleaned += ".safetensors"
+    return cleaned
+
+
+def _resume_options() -> list[str]:
+    return [NO_RESUME] + folder_paths.get_filename_list(LORA_FOLDER)
+
+
+def _max_reward(text: str) -> float | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"max_reward {text!r} must be a number or empty") from None
+
+
+class RewardLoRATrainerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardLoRATrainer",
+            display_name="EasyAnimate Reward LoRA Trainer",
+            category="EasyAnimate/training",
+            description="Trains a LoRA on the transformer by reward backpropagation: samples videos from noise with the "
+                        "real sampler, keeps gradients only on the chosen denoising steps, decodes the first latents, "
+                        "scores frames with the reward and updates the LoRA to raise the score. Saves the LoRA to "
+                        "models/loras (official EasyAnimate format, with a .json of settings and history).",
+            is_output_node=True,
+            inputs=[
+                EasyAnimateModelType.Input("model", tooltip="The model to train on; LoRAs already applied stay under it."),
+                RewardModelType.Input("reward", tooltip="The reward to maximise (frozen; only the LoRA learns)."),
+                io.String.Input("prompts", multiline=True, default="A cat playing the piano in a sunny room.",
+                                tooltip="Training prompts, one per line; or the name of a .txt (a prompt a line) or "
+                                        ".jsonl (key \"prompt\") file in ComfyUI's input folder, or an absolute path."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Negative prompt of the guided rollout (the official trainer uses none)."),
+                io.Int.Input("width", default=256, min=16, max=2048, step=16, tooltip="Training resolution, multiple of 16."),
+                io.Int.Input("height", default=256, min=16, max=2048, step=16, tooltip="Training resolution, multiple of 16."),
+                io.Int.Input("frames", default=49, min=1, max=145, step=4, tooltip="1 + 4k frames sampled per video."),
+                io.Int.Input("train_steps", default=2000, min=1, max=1_000_000,
+                             tooltip="Optimizer steps (the official runs use 2000-3500)."),
+                io.Int.Input("sampling_steps", default=50, min=1, max=200, tooltip="Denoising steps of each rollout."),
+                io.Float.Input("cfg", default=6.0, min=1.0, max=20.0, step=0.1,
+                               tooltip="Guidance scale of the rollout; 1 disables guidance (half the compute)."),
+                io.Combo.Input("backprop", options=list(BACKPROP_STRATEGIES), default="auto",
+                               tooltip="Which denoising steps keep gradients (the others run without a graph). "
+                                       "auto: last for V5, tail K for V5.1 (last-step gradients vanish with flow "
+                                       "matching). last; tail: the last K; uniform: K spread evenly; random: K drawn "
+                                       "each step from [start, end]; list: the steps listed; all: every step "
+                                       "(memory grows with the step count)."),
+                io.Int.Input("backprop_k", default=10, min=1, max=200, tooltip="K for tail / uniform / random."),
+                io.Int.Input("backprop_start", default=0, min=-200, max=200,
+                             tooltip="random: first step of the range (negative counts from the end)."),
+                io.Int.Input("backprop_end", default=-1, min=-200, max=200,
+                             tooltip="random: last step of the range (-1 = the last step)."),
+                io.String.Input("backprop_steps", default="", tooltip="list: step indices such as '0, 25, -1'."),
+                io.Boolean.Input("drtune", default=False,
+                                 tooltip="DRTune: stop the gradient at the transformer input on the kept steps, so "
+                                         "each step's gradient reaches the LoRA without flowing through earlier steps."),
+                io.Int.Input("num_decoded_latents", default=1, min=1, max=64,
+                             tooltip="Decode only the first k latents (1 = the first frame; k = 1 + 4(k-1) frames)."),
+                io.Int.Input("num_sampled_frames", default=1, min=1, max=256,
+                             tooltip="Evenly spaced frames of the decoded part that the reward scores."),
+                io.Int.Input("rank", default=128, min=1, max=1024, tooltip="LoRA rank."),
+                io.Float.Input("alpha", default=64.0, min=0.01, max=4096.0, step=0.01,
+                               tooltip="LoRA alpha; the update is scaled by alpha / rank."),
+                io.String.Input("target_modules", default="",
+                                tooltip="Regex on module paths to adapt (e.g. 'attn1\\.to_(q|k|v)'); empty = every Linear."),
+                io.Float.Input("learning_rate", default=1e-5, min=1e-9, max=1.0, step=1e-6, round=False,
+                               tooltip="AdamW learning rate (official: 1e-5)."),
+                io.Float.Input("weight_decay", default=3e-2, min=0.0, max=1.0, step=1e-3, round=False,
+                               tooltip="AdamW weight decay."),
+                io.Float.Input("adam_eps", default=1e-10, min=1e-12, max=1e-3, step=1e-10, round=False,
+                               tooltip="AdamW epsilon."),
+                io.Float.Input("max_grad_norm", default=0.3, min=0.0, max=100.0, step=0.01,
+                               tooltip="Gradient-norm clipping; 0 disables it."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=1024, tooltip="Rollouts per optimizer step."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Prompts per rollout."),
+                io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFF,
+                             tooltip="Seeds the LoRA init, the prompt order and the rollout noise."),
+                io.String.Input("max_reward", default="",
+                                tooltip="Empty: loss = -reward. A number: loss = |reward - max_reward| (stops "
+                                        "pushing past a target)."),
+                io.Float.Input("loss_scale", default=1.0, min=1e-6, max=1e6, step=0.01, round=False,
+                               tooltip="Multiplies the loss."),
+                io.Int.Input("save_every", default=100, min=0, max=1_000_000,
+                             tooltip="Save the LoRA every N steps (0: only at the end). It is also saved when "
+                                     "training is cancelled or fails."),
+                io.String.Input("lora_name", default="easyanimate_reward_lora",
+                                tooltip="File name in models/loras ('.safetensors' is added)."),
+                io.String.Input("eval_prompts", multiline=True, default="",
+                                tooltip="Held-out prompts (lines or a file name), scored without gradients on fixed "
+                                        "seeds. Training reward rising while held-out stalls = reward hacking."),
+                io.Int.Input("eval_every", default=0, min=0, max=1_000_000,
+                             tooltip="Score the held-out prompts every N steps (0: never)."),
+                io.Int.Input("early_stop_patience", default=0, min=0, max=10_000,
+                             tooltip="Stop after this many held-out evaluations without improvement (0: never)."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in backward (transformer and VAE): far less memory."),
+                io.Combo.Input("resume_from", options=_resume_options(), default=NO_RESUME, optional=True,
+                               tooltip="Continue a run from its LoRA (step count and history come from its .json)."),
+            ],
+            outputs=[
+                EasyAnimateModelType.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
+                io.String.Output(display_name="lora_name", tooltip="The saved LoRA, relative to models/loras."),
+                io.Image.Output(display_name="plot", tooltip="Reward and loss per step (training and held-out)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, reward, prompts, negative_prompt, width, height, frames, train_steps, sampling_steps,
+                cfg, backprop, backprop_k, backprop_start, backprop_end, backprop_steps, drtune, num_decoded_latents,
+                num_sampled_frames, rank, alpha, target_modules, learning_rate, weight_decay, adam_eps, max_grad_norm,
+                grad_accumulation, batch_size, seed, max_reward, loss_scale, save_every, lora_name, eval_prompts,
+                eval_every, early_stop_patience, gradient_checkpointing, resume_from=NO_RESUME) -> io.NodeOutput:
+        search = [folder_paths.get_input_directory()]
+        train_prompts = load_prompts(prompts, search, "training prompts")
+        held_out = load_prompts(eval_prompts, search, "held-out prompts", allow_empty=True)
+        config = TrainConfig(
+            width=width, height=height, frames=frames, sampling_steps=sampling_steps, guidance_scale=cfg,
+            negative_prompt=negative_prompt, backprop=backprop, backprop_k=backprop_k, backprop_start=backprop_start,
+            backprop_end=backprop_end, backprop_steps=backprop_steps, detach_input=drtune,
+            num_decoded_latents=num_decoded_latents, num_sampled_frames=num_sampled_frames,
+            max_reward=_max_reward(max_reward), loss_scale=loss_scale, rank=rank, alpha=alpha,
+            target_modules=target_modules, train_steps=train_steps, learning_rate=learning_rate,
+            weight_decay=weight_decay, adam_eps=adam_eps, max_grad_norm=max_grad_norm,
+            grad_accumulation=grad_accumulation, batch_size=batch_size, seed=seed,
+            gradient_checkpointing=gradient_checkpointing, save_every=save_every, eval_every=eval_every,
+            early_stop_patience=early_stop_patience,
+        ).validate()
+        name = sanitize_lora_name(lora_name)
+        loras_dir = folder_paths.get_folder_paths(LORA_FOLDER)[0]
+        os.makedirs(loras_dir, exist_ok=True)
+        path = output_subpath(name, loras_dir)
+        resume = None
+        if resume_from and resume_from != NO_RESUME:
+            resume = folder_paths.get_full_path_or_raise(LORA_FOLDER, resume_from)
+
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        bar = comfy.utils.ProgressBar(train_steps, node_id=node_id)
+
+        def progress(done: int, total: int) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(done, total)
+
+        def on_step(report: StepReport) -> None:
+            text = (f"step {report.step}/{report.total}  reward {report.reward:.5g}  loss {report.loss:.5g}  "
+                    f"grad norm {report.grad_norm:.3g}  ({report.seconds:.1f} s/step)")
+            if report.eval_reward is not None:
+                text += f"\nheld-out reward {report.eval_reward:.5g}"
+            _show_text(text, node_id)
+
+        trainer = CoreTrainer(
+            model, reward, train_prompts, config, output_path=path, eval_prompts=held_out, resume_from=resume,
+            progress=progress, check_interrupt=mm.throw_exception_if_processing_interrupted, on_step=on_step,
+            extra_info={"lora_name": name, "reward": getattr(reward, "name", type(reward).__name__)})
+        result = trainer.train()
+        summary = f"{result.stop_reason} at step {result.state.step}: saved models/loras/{name}"
+        _show_text(summary, node_id)
+        # The wire carries exactly what the file holds (bf16), so the LoRA picked later by name
+        # in EasyAnimateLoraApply behaves the same as this output.
+        weights = load_lora_file(result.saved_path, model.pipe.transformer)
+        plot = history_plot(result.state.history)
+        preview = ui.PreviewImage(plot, cls=cls)
+        shown = {"images": preview.values, "animated": (False,), "text": (summary,)}
+        return io.NodeOutput(model.with_lora(weights, 1.0, name), name, plot, ui=shown)
+
+
+def _show_text(text: str, node_id: str | None) -> None:
+    log.info("RewardLoRATrainer: %s", text.replace("\n", "; "))
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # no UI connected (API use, tests): the log line is enough
+        pass
+
+
+NODES = [RewardLoRATrainerNode]
