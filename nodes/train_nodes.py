@@ -151,8 +151,8 @@ class RewardLoRATrainerNode(io.ComfyNode):
                 grad_accumulation, batch_size, seed, max_reward, loss_scale, save_every, lora_name, eval_prompts,
                 eval_every, early_stop_patience, gradient_checkpointing, resume_from=NO_RESUME) -> io.NodeOutput:
         search = [folder_paths.get_input_directory()]
-        train_prompts = load_prompts(prompts, search, "training prompts")
-        held_out = load_prompts(eval_prompts, search, "held-out prompts", allow_empty=True)
+        train_prompts = load_prompts(prompts, search, "training prompts", confine=True)
+        held_out = load_prompts(eval_prompts, search, "held-out prompts", allow_empty=True, confine=True)
         config = TrainConfig(
             width=width, height=height, frames=frames, sampling_steps=sampling_steps, guidance_scale=cfg,
             negative_prompt=negative_prompt, backprop=backprop, backprop_k=backprop_k, backprop_start=backprop_start,

@@ -371,3 +371,16 @@ def test_sequential_offload_is_refused_with_a_clear_error(pipes):
     with pytest.raises(ValueError, match="model_cpu_offload"):
         trainer.train()
     assert not trainer.lora.attached
+
+
+def test_prompt_file_names_from_a_workflow_stay_in_the_input_folder(tmp_path):
+    inside = tmp_path / "input"
+    inside.mkdir()
+    (inside / "prompts.txt").write_text("a cat\na dog\n")
+    (tmp_path / "secret.txt").write_text("not for workflows\n")
+    assert load_prompts("prompts.txt", [inside], confine=True) == ["a cat", "a dog"]
+    for bad in ("../secret.txt", str(tmp_path / "secret.txt")):
+        with pytest.raises(ValueError, match="must be a file inside"):
+            load_prompts(bad, [inside], confine=True)
+    # The CLI reads whatever path its user gives.
+    assert load_prompts(str(tmp_path / "secret.txt"), [inside]) == ["not for workflows"]

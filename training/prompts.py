@@ -49,14 +49,22 @@ def looks_like_prompt_file(text: str) -> bool:
 
 
 def load_prompts(source: str | os.PathLike, search_dirs: Iterable[str | os.PathLike] = (),
-                 what: str = "training prompts", allow_empty: bool = False) -> list[str]:
-    """Prompts from a file path, a file name found in `search_dirs`, or the lines of a string."""
+                 what: str = "training prompts", allow_empty: bool = False, confine: bool = False) -> list[str]:
+    """Prompts from a file path, a file name found in `search_dirs`, or the lines of a string.
+
+    confine: the name comes from a workflow, so it may only name a file inside `search_dirs`
+    (no absolute paths, no '..' escapes); the CLI reads any path its user gives."""
     if isinstance(source, os.PathLike):
         return read_prompt_file(source)
     text = str(source)
     if looks_like_prompt_file(text):
         name = text.strip()
-        candidates = [Path(name)] if os.path.isabs(name) else [Path(d) / name for d in search_dirs] + [Path(name)]
+        if confine:
+            candidates = [_inside(Path(d), name, what) for d in search_dirs]
+        elif os.path.isabs(name):
+            candidates = [Path(name)]
+        else:
+            candidates = [Path(d) / name for d in search_dirs] + [Path(name)]
         for candidate in candidates:
             if candidate.is_file():
                 return read_prompt_file(candidate)
@@ -66,6 +74,14 @@ def load_prompts(source: str | os.PathLike, search_dirs: Iterable[str | os.PathL
     if allow_empty:
         return prompts
     return _checked(prompts, what)
+
+
+def _inside(folder: Path, name: str, what: str) -> Path:
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.isabs(name) or os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{what}: prompt file {name!r} must be a file inside {root}")
+    return Path(path)
 
 
 def _checked(prompts: list[str], where: str) -> list[str]:
