@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 from .keymap import convert_original_state_dict, is_original_state_dict
 from .memory import ModulePlacement
+from .original_format import (is_original_transformer_config, is_original_vae_config, translate_transformer_config,
+                              translate_vae_config)
 from .model import EasyAnimatePipe
 
 log = logging.getLogger(__name__)
@@ -106,12 +108,19 @@ def _config_for(cls, config: dict, where: Path) -> dict:
     return kept
 
 
-def load_diffusers_module(cls, subfolder: Path, dtype: torch.dtype, convert_state_dict=None):
+def load_diffusers_module(cls, subfolder: Path, dtype: torch.dtype, convert_state_dict=None, translate_config=None):
     """Build `cls` from subfolder/config.json and load its safetensors strictly (one code path for
-    diffusers-format and original-format checkpoints; `convert_state_dict` renames original keys)."""
+    diffusers-format and original-format checkpoints; `translate_config` rewrites an original-format
+    config for `cls`, `convert_state_dict` renames original keys)."""
     from accelerate import init_empty_weights
 
-    config = _config_for(cls, _read_json(subfolder / "config.json", f"{cls.__name__} config"), subfolder)
+    raw_config = _read_json(subfolder / "config.json", f"{cls.__name__} config")
+    if translate_config is not None:
+        try:
+            raw_config = translate_config(raw_config)
+        except ValueError as e:
+            raise ModelFolderError(f"{subfolder / 'config.json'}: {e}") from e
+    config = _config_for(cls, raw_config, subfolder)
     state = _read_state_dict(_weight_files(subfolder, "diffusion_pytorch_model"), dtype)
     if convert_state_dict is not None:
         state = convert_state_dict(state)
@@ -138,13 +147,21 @@ def load_transformer(subfolder: Path, dtype: torch.dtype):
         # Original EasyAnimate V5 checkpoints name the text stream attn2.*; diffusers, attn1.add_*.
         return convert_original_state_dict(state) if is_original_state_dict(state) else state
 
-    return load_diffusers_module(EasyAnimateTransformer3DModel, subfolder, dtype, convert)
+    def translate(config):
+        # Published V5 folders carry EasyAnimate's own config (other defaults, extra keys).
+        return translate_transformer_config(config) if is_original_transformer_config(config) else config
+
+    return load_diffusers_module(EasyAnimateTransformer3DModel, subfolder, dtype, convert, translate)
 
 
 def load_vae(subfolder: Path, dtype: torch.dtype):
     from diffusers import AutoencoderKLMagvit
 
-    return load_diffusers_module(AutoencoderKLMagvit, subfolder, dtype)
+    def translate(config):
+        # Same weights either way; only the original config's keys and defaults differ.
+        return translate_vae_config(config) if is_original_vae_config(config) else config
+
+    return load_diffusers_module(AutoencoderKLMagvit, subfolder, dtype, translate_config=translate)
 
 
 def _load_hf(cls, folder: Path, dtype: torch.dtype):

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -29,6 +28,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..fileio import save_safetensors_atomic
 from .keymap import diffusers_to_original, is_original_only, original_to_diffusers
 
 log = logging.getLogger(__name__)
@@ -496,12 +496,9 @@ def save_lora_file(
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `weights` as an official-format kohya safetensors file, atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA files are written as .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = kohya_state_dict(weights, dtype)
     ranks = sorted(weights.ranks)
     alphas = sorted({m.alpha for m in weights.modules.values()})
@@ -512,13 +509,5 @@ def save_lora_file(
         "format": "pt",
     }
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_safetensors_atomic(path, state, metadata=meta)
     return path

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..fileio import atomic_folder
 from .keymap import is_original_state_dict, original_to_diffusers
 from .lora_patch import Term, Workspace, merged_weight_
 
@@ -177,10 +178,7 @@ def save_merged_model(pipe, loras: Iterable, dest_folder: str | os.PathLike,
     if dest.resolve() == src.resolve() or src.resolve() in dest.resolve().parents:
         raise ValueError(f"cannot save a merged model inside its source folder {src}")
     terms = stack_terms(loras)
-    partial = dest.with_name(dest.name + ".partial")
-    if partial.exists():  # left over by an interrupted save
-        shutil.rmtree(partial)
-    try:
+    with atomic_folder(dest) as partial:  # DEST.partial, renamed onto dest once complete
         _replicate_tree(src, partial, skip={"transformer", PROVENANCE_FILE})
         out_transformer = partial / "transformer"
         out_transformer.mkdir()
@@ -209,10 +207,6 @@ def save_merged_model(pipe, loras: Iterable, dest_folder: str | os.PathLike,
                       for a in loras],
         }
         (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2), encoding="utf-8")
-        os.rename(partial, dest)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return dest
 
 

@@ -1,7 +1,10 @@
 """Prompt encoding for both EasyAnimate generations.
 
-V5: Bert (77 tokens, last hidden state) + T5 (256 tokens, last hidden state); the transformer
-projects each with its own text_proj / text_proj_t5 and concatenates them.
+V5: Bert + T5, last hidden state of each; the transformer projects each with its own text_proj /
+text_proj_t5 and concatenates them. As in EasyAnimate's pipeline_easyanimate_inpaint.py
+encode_prompt: each tokenizer pads to min(tokenizer.model_max_length, 256) tokens, and the encoders
+get the attention mask only when the transformer config enables it (the official V5 yaml sets
+enable_text_attention_mask false: Bert and T5 then also attend to the padding).
 V5.1: Qwen2-VL on the chat-formatted prompt (256 tokens), the second-to-last hidden state.
 """
 
@@ -13,7 +16,8 @@ import torch
 
 from .model import EasyAnimatePipe
 
-BERT_MAX_TOKENS, T5_MAX_TOKENS, QWEN_MAX_TOKENS = 77, 256, 256
+# V5 caps both tokenizers at this many tokens (EasyAnimate's `actual_max_sequence_length`).
+V5_MAX_TOKENS, QWEN_MAX_TOKENS = 256, 256
 
 
 @dataclass
@@ -42,6 +46,16 @@ def _tokens(tokenizer, texts, max_length, device):
     return batch.input_ids.to(device), batch.attention_mask.to(device)
 
 
+def v5_max_tokens(tokenizer) -> int:
+    return min(int(tokenizer.model_max_length), V5_MAX_TOKENS)
+
+
+def _encode_v5(placement, encoder, tokenizer, prompts, device, use_mask: bool) -> torch.Tensor:
+    with placement.use(encoder):
+        ids, mask = _tokens(tokenizer, prompts, v5_max_tokens(tokenizer), device)
+        return encoder(input_ids=ids, attention_mask=mask if use_mask else None)[0]
+
+
 @torch.no_grad()
 def encode_prompts(pipe: EasyAnimatePipe, prompts: list[str]) -> TextConditioning:
     """Encode prompts with the pipe's text encoders; encoders are on the GPU only while encoding."""
@@ -49,12 +63,9 @@ def encode_prompts(pipe: EasyAnimatePipe, prompts: list[str]) -> TextConditionin
         raise ValueError("no prompts to encode")
     device = pipe.compute_device
     if pipe.version == "v5":
-        with pipe.placement.use(pipe.text_encoder):
-            ids, mask = _tokens(pipe.tokenizer, prompts, BERT_MAX_TOKENS, device)
-            embeds = pipe.text_encoder(input_ids=ids, attention_mask=mask)[0]
-        with pipe.placement.use(pipe.text_encoder_2):
-            ids, mask = _tokens(pipe.tokenizer_2, prompts, T5_MAX_TOKENS, device)
-            embeds_t5 = pipe.text_encoder_2(input_ids=ids, attention_mask=mask)[0]
+        use_mask = bool(getattr(pipe.transformer.config, "enable_text_attention_mask", True))
+        embeds = _encode_v5(pipe.placement, pipe.text_encoder, pipe.tokenizer, prompts, device, use_mask)
+        embeds_t5 = _encode_v5(pipe.placement, pipe.text_encoder_2, pipe.tokenizer_2, prompts, device, use_mask)
         return TextConditioning(embeds.to(pipe.dtype), embeds_t5.to(pipe.dtype))
     texts = [
         pipe.tokenizer.apply_chat_template(

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_folder
+
 # Widths of the tiny models. Text widths differ on purpose (32 vs 24) so a swapped encoder fails.
 TINY_HEADS, TINY_HEAD_DIM = 2, 16
 BERT_WIDTH, T5_WIDTH, QWEN_WIDTH = 32, 24, 32
@@ -190,34 +192,29 @@ def write_tiny_model(dest: str | os.PathLike, version: str = "v5", seed: int = 0
     if version not in ("v5", "v5.1"):
         raise ValueError(f"version must be 'v5' or 'v5.1', got {version!r}")
     dest = Path(dest)
-    partial = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    with atomic_folder(dest, replace=True) as partial:  # DEST.partial, renamed onto dest once complete
+        transformer = build_tiny_transformer(version, seed)
+        transformer.save_pretrained(partial / "transformer", safe_serialization=True)
+        if version == "v5":
+            # The published V5 checkpoints use the original EasyAnimate key names (attn2.* for the text
+            # stream); write the tiny one the same way so the loader's conversion path is exercised.
+            from safetensors.torch import save_file
 
-    transformer = build_tiny_transformer(version, seed)
-    transformer.save_pretrained(partial / "transformer", safe_serialization=True)
-    if version == "v5":
-        # The published V5 checkpoints use the original EasyAnimate key names (attn2.* for the text
-        # stream); write the tiny one the same way so the loader's conversion path is exercised.
-        from safetensors.torch import save_file
+            from .keymap import convert_diffusers_state_dict
 
-        from .keymap import convert_diffusers_state_dict
-
-        state = {k: v.contiguous() for k, v in convert_diffusers_state_dict(transformer.state_dict()).items()}
-        save_file(state, str(partial / "transformer" / "diffusion_pytorch_model.safetensors"))
-    build_tiny_vae(seed).save_pretrained(partial / "vae", safe_serialization=True)
-    if version == "v5":
-        _write_bert(partial, seed)
-        _write_t5(partial, seed)
-        pipeline_class = "EasyAnimateV5Pipeline"
-    else:
-        _write_qwen2vl(partial, seed)
-        pipeline_class = "EasyAnimatePipeline"
-    (partial / "scheduler").mkdir()
-    (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(version), indent=2))
-    (partial / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class, "tiny": True}, indent=2))
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(partial, dest)
+            state = {k: v.contiguous() for k, v in convert_diffusers_state_dict(transformer.state_dict()).items()}
+            save_file(state, str(partial / "transformer" / "diffusion_pytorch_model.safetensors"))
+        build_tiny_vae(seed).save_pretrained(partial / "vae", safe_serialization=True)
+        if version == "v5":
+            _write_bert(partial, seed)
+            _write_t5(partial, seed)
+            pipeline_class = "EasyAnimateV5Pipeline"
+        else:
+            _write_qwen2vl(partial, seed)
+            pipeline_class = "EasyAnimatePipeline"
+        (partial / "scheduler").mkdir()
+        (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(version), indent=2))
+        (partial / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class, "tiny": True}, indent=2))
     return dest
 
 

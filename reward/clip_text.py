@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..fileio import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 CLIP_CONTEXT_LENGTH = 77
@@ -89,7 +91,6 @@ def write_clip_tokenizer_files(folder: str | os.PathLike, pad_token: str = "!") 
     (id 0) instead of the BPE word-end "!</w>" (id 256) that open_clip produces.
     """
     import json
-    import tempfile
 
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -115,10 +116,6 @@ def write_clip_tokenizer_files(folder: str | os.PathLike, pad_token: str = "!") 
             }
         ),
     }
-    os.makedirs(folder, exist_ok=True)
     for name, text in files.items():
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(folder, name))
+        write_text_atomic(os.path.join(folder, name), text)
     return os.fspath(folder)

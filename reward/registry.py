@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..fileio import write_text_atomic
 from .base import Reward, WeightedReward
 
 OPTIONS_FILE = "reward_options.json"
@@ -434,12 +435,5 @@ def write_tiny_reward_models(dest: str | os.PathLike, seed: int = 0) -> Path:
         "hps_v2.1": {"model_name": os.path.basename(open_clip_config)},
         "mps": {"clip_config": TINY_HF_CLIP_CONFIG},
     }
-    _write_json_atomically(dest / OPTIONS_FILE, options)
+    write_text_atomic(dest / OPTIONS_FILE, json.dumps(options, indent=2))
     return dest
-
-
-def _write_json_atomically(path: Path, data: Any) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(staging, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(staging, path)

@@ -8,12 +8,11 @@ and the head's input width follows them.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_folder, torch_save_atomic
 from .aesthetic import (
     V2_5_HEAD_PREFIX,
     V2_5_LINEAR_POSITIONS,
@@ -43,18 +42,9 @@ def _spread_weights(module: torch.nn.Module, seed: int, std: float = 0.2) -> Non
 def _save_folder_atomically(model, dest: Path) -> Path:
     """save_pretrained into a temp folder next to `dest`, then swap it in (no half-written folder)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_folder(dest, replace=True) as staging:
         with quiet_transformers():  # (SigLIP's save warns about default text token ids we never use)
             model.save_pretrained(staging)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is ordinary data
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return dest
 
 
@@ -127,15 +117,4 @@ def write_tiny_aesthetic_head(dest: str | os.PathLike, version: str, in_width: i
 
     (.pth, not safetensors, on purpose: the loader must read the exact format users download.)
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    os.close(fd)
-    try:
-        torch.save(tiny_head_state_dict(version, in_width, seed), staging)
-        os.chmod(staging, 0o644)  # mkstemp makes it private; a model file is ordinary data
-        os.replace(staging, dest)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-    return dest
+    return torch_save_atomic(dest, tiny_head_state_dict(version, in_width, seed))

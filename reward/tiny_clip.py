@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 
+from ..fileio import atomic_folder, torch_save_atomic, write_text_atomic
 from .hps import HPS_CHECKPOINT_FILES
 from .mps import MPS_CHECKPOINT_FILE, MPSCrossModel, MPSModel, build_clip_model
 
@@ -44,28 +43,6 @@ TINY_HF_CLIP_CONFIG = {
 TINY_CROSS_MODEL_CONFIG = {"dim": 32, "layers": 2, "heads": 2, "dim_head": 16, "ff_mult": 2}
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_text(text: str, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _randomise(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
     """Random weights large enough that scores differ visibly between inputs."""
     gen = torch.Generator().manual_seed(seed)
@@ -79,7 +56,7 @@ def _randomise(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
 
 def write_tiny_open_clip_config(folder: str | os.PathLike) -> str:
     path = os.path.join(os.fspath(folder), f"{TINY_OPEN_CLIP_NAME}.json")
-    _atomic_write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=2), path)
+    write_text_atomic(path, json.dumps(TINY_OPEN_CLIP_CONFIG, indent=2))
     return path
 
 
@@ -101,7 +78,7 @@ def write_tiny_hps_checkpoint(folder: str | os.PathLike, version: str = "v2.1", 
     model = tiny_open_clip_model(seed)
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     ckpt = os.path.join(folder, HPS_CHECKPOINT_FILES[version])
-    _atomic_torch_save({"state_dict": state}, ckpt)
+    torch_save_atomic(ckpt, {"state_dict": state})
     return ckpt, write_tiny_open_clip_config(folder)
 
 
@@ -115,17 +92,8 @@ def tiny_hf_clip_model(seed: int = 0) -> torch.nn.Module:
 def write_tiny_pickscore_folder(folder: str | os.PathLike, seed: int = 0) -> str:
     """A transformers CLIPModel folder (config.json + model.safetensors), no tokenizer files."""
     folder = os.path.abspath(os.fspath(folder))
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, suffix=".tmp")
-    try:
-        tiny_hf_clip_model(seed).save_pretrained(tmp, safe_serialization=True)
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+    with atomic_folder(folder, replace=True) as partial:
+        tiny_hf_clip_model(seed).save_pretrained(partial, safe_serialization=True)
     return folder
 
 
@@ -139,5 +107,5 @@ def tiny_mps_model(seed: int = 0) -> MPSModel:
 def write_tiny_mps_checkpoint(folder: str | os.PathLike, seed: int = 0) -> str:
     """A plain state dict with model.* / cross_model.* keys, as EasyAnimate's MPS_overall.pth."""
     path = os.path.join(os.fspath(folder), MPS_CHECKPOINT_FILE)
-    _atomic_torch_save(tiny_mps_model(seed).state_dict(), path)
+    torch_save_atomic(path, tiny_mps_model(seed).state_dict())
     return path

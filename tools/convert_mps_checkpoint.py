@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 
 import torch
+
+from ..fileio import save_safetensors_atomic
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -74,22 +75,6 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_safetensors_atomic(state: dict[str, torch.Tensor], dst: str, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".safetensors.tmp")
-    os.close(fd)
-    try:
-        # safetensors refuses shared / strided storage: give every tensor its own contiguous copy.
-        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def convert_mps_checkpoint(
     src: str,
     dst: str,
@@ -105,7 +90,9 @@ def convert_mps_checkpoint(
     state = extract_state_dict(obj)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    save_safetensors_atomic(state, dst, {"format": "pt", "model": "MPS overall", "source": os.path.basename(src)})
+    # safetensors refuses shared / strided storage: give every tensor its own contiguous copy.
+    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    save_safetensors_atomic(dst, state, {"format": "pt", "model": "MPS overall", "source": os.path.basename(src)})
     return dst
 
 

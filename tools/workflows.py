@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..fileio import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO / "workflows"
 API_DIR = WORKFLOW_DIR / "api"
@@ -496,19 +498,6 @@ def dumps(data: Any) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def build_ui(name: str, object_info: Mapping[str, Any]) -> dict:
     return api_to_ui(load_api(name), object_info, note_text(name) if name in NOTES else None)
 
@@ -543,9 +532,9 @@ def write_all(object_info: Mapping[str, Any]) -> list[Path]:
     written = []
     for name in workflow_names():
         path = WORKFLOW_DIR / f"{name}.json"
-        _write_atomically(path, dumps(build_ui(name, object_info)))
+        write_text_atomic(path, dumps(build_ui(name, object_info)))
         written.append(path)
-    _write_atomically(WORKFLOW_DIR / "README.md", readme_text())
+    write_text_atomic(WORKFLOW_DIR / "README.md", readme_text())
     written.append(WORKFLOW_DIR / "README.md")
     return written
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..easyanimate.lora_format import LoraWeights, load_lora_file, save_lora_file
+from ..fileio import write_text_atomic
 
 SIDECAR_FORMAT = "easyanimate_reward.training/1"
 STEP_KEY = "easyanimate_reward_step"
@@ -68,18 +68,6 @@ def _json_safe(value):
     return value
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(path: str | os.PathLike, weights: LoraWeights, state: TrainingState,
                     extra: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write the LoRA (official format) and its sidecar. Raises NonFiniteWeightsError, leaving any
@@ -101,7 +89,7 @@ def save_checkpoint(path: str | os.PathLike, weights: LoraWeights, state: Traini
         "optimizer_state": "not saved (AdamW moments restart on resume)",
     }
     sidecar.update(extra or {})
-    _write_text_atomically(sidecar_path(path), json.dumps(_json_safe(sidecar), indent=1, sort_keys=True))
+    write_text_atomic(sidecar_path(path), json.dumps(_json_safe(sidecar), indent=1, sort_keys=True))
     return path
 
 

@@ -1,0 +1,108 @@
+"""Atomic writes: every file and folder the pack writes appears under its final name complete or not at all.
+
+Why: a crash, a killed process or Ctrl-C half-way through a save must never leave a truncated
+LoRA, checkpoint, sidecar or model folder under the name a loader will later trust (and an
+existing good file must survive a failed overwrite). So each write goes to a temporary name in
+the same folder (same filesystem, so the final rename is atomic) and is renamed onto the final
+name only once it is complete; on any error the temporary is removed and the old file stays.
+
+No ComfyUI imports here; torch and safetensors are imported only by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# mkstemp creates files readable by the owner only; the files we write are ordinary data.
+FILE_MODE = 0o644
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush the file's data to disk, so a power loss right after the rename cannot leave an empty file."""
+    with open(path, "r+b") as handle:
+        os.fsync(handle.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to `path` to write to; on success it is renamed onto `path`
+    (parent folders are created), on any exception it is removed and the exception re-raised."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, FILE_MODE)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return Path(path)
+
+
+def save_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, Any],
+                            metadata: Mapping[str, str] | None = None) -> Path:
+    """safetensors.torch.save_file, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=None if metadata is None else dict(metadata))
+    return Path(path)
+
+
+def torch_save_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """torch.save, atomically. Only for tiny test files in public .pth layouts; the pack's own
+    outputs are safetensors."""
+    import torch
+
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+@contextmanager
+def atomic_folder(dest: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty folder DEST.partial to fill; on success it is renamed onto `dest`, on any
+    exception it is removed. A DEST.partial left by an interrupted run is cleared first.
+
+    An existing `dest` is replaced only with `replace=True`; otherwise FileExistsError names it
+    (checked before the work starts and again before the rename)."""
+    dest = Path(dest)
+    if not replace and (dest.exists() or dest.is_symlink()):
+        raise FileExistsError(f"{dest} already exists")
+    partial = dest.with_name(dest.name + ".partial")
+    _remove(partial)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        if dest.exists() or dest.is_symlink():
+            if not replace:
+                raise FileExistsError(f"{dest} already exists")
+            _remove(dest)
+        os.rename(partial, dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
