@@ -204,8 +204,15 @@ def write_tiny_model(dest: str | os.PathLike, version: str = "v5", seed: int = 0
 
             state = {k: v.contiguous() for k, v in convert_diffusers_state_dict(transformer.state_dict()).items()}
             save_file(state, str(partial / "transformer" / "diffusion_pytorch_model.safetensors"))
-        build_tiny_vae(seed).save_pretrained(partial / "vae", safe_serialization=True)
+        vae = build_tiny_vae(seed)
+        vae.save_pretrained(partial / "vae", safe_serialization=True)
         if version == "v5":
+            # ... and their config.json files are dumps of the original classes' arguments.
+            from .original_format import original_v5_transformer_config, original_v5_vae_config
+
+            (partial / "transformer" / "config.json").write_text(
+                json.dumps(original_v5_transformer_config(transformer.config), indent=2))
+            (partial / "vae" / "config.json").write_text(json.dumps(original_v5_vae_config(vae.config), indent=2))
             _write_bert(partial, seed)
             _write_t5(partial, seed)
             pipeline_class = "EasyAnimateV5Pipeline"

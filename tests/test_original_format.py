@@ -177,8 +177,18 @@ def test_original_folder_loads_strictly_with_the_same_weights(tiny_models, origi
     assert video.shape == (5, 32, 32, 3) and torch.isfinite(video).all()
 
 
-def test_v5_text_encoding_follows_the_transformers_mask_flag(tiny_models, original_folder):
-    masked = load_pipe(tiny_models["v5"], "fp32", "none")  # diffusers-format config: mask on (default)
+@pytest.fixture(scope="module")
+def diffusers_folder(tiny_models, tmp_path_factory):
+    """The tiny V5 folder rewritten in diffusers' format (keys and configs; text mask on)."""
+    folder = tmp_path_factory.mktemp("diffusers") / "EasyAnimateV5-tiny-diffusers"
+    shutil.copytree(tiny_models["v5"], folder)
+    build_tiny_transformer("v5").save_pretrained(folder / "transformer", safe_serialization=True)
+    build_tiny_vae().save_pretrained(folder / "vae", safe_serialization=True)
+    return folder
+
+
+def test_v5_text_encoding_follows_the_transformers_mask_flag(diffusers_folder, original_folder):
+    masked = load_pipe(diffusers_folder, "fp32", "none")  # diffusers-format config: mask on (default)
     unmasked = load_pipe(original_folder, "fp32", "none")  # official V5 setting: mask off
     prompts = ["a cat", "a dog running on the beach at sunset"]
     a, b = encode_prompts(masked, prompts), encode_prompts(unmasked, prompts)
