@@ -81,3 +81,30 @@ def test_lora_for_another_model_fails_clearly(comfy_server):
     graph = {"1": _loader(V51), "2": _lora(0.7), "4": _sampler(["2", 0]), "7": _save(["4", 0], "wrong")}
     err = history_error(comfy_server.run(graph))
     assert err is not None and "does not fit" in err and "T5" in err, err
+
+
+def test_save_merged_model_reloads_and_matches_the_applied_lora(comfy_server):
+    write_tiny_lora("v5", comfy_server.base / "models" / "loras" / LORA, seed=3)
+    merged_name = "tiny-v5-merged-host"
+    graph = {
+        "1": _loader(V5), "2": _lora(0.7),
+        "3": {"class_type": "EasyAnimateSaveMerged", "inputs": {"model": ["2", 0], "name": merged_name}},
+        "4": _sampler(["2", 0]), "7": _save(["4", 0], "applied"),
+    }
+    entry = comfy_server.run(graph)
+    assert history_error(entry) is None, history_error(entry)
+    folder = comfy_server.base / "models" / "EasyAnimate" / merged_name
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not folder.with_name(merged_name + ".partial").exists()
+    applied = _frames(comfy_server, entry, "7")
+    # The saved folder is a complete model: the loader lists it, and it samples what the LoRA did.
+    merged = comfy_server.run({"1": _loader(merged_name), "4": _sampler(["1", 0]), "7": _save(["4", 0], "merged")})
+    assert history_error(merged) is None, history_error(merged)
+    assert np.abs(_frames(comfy_server, merged, "7") - applied).max() <= 2 / 255
+
+    # Saving again under the same name, or a name that leaves the models folder, is refused.
+    for bad in (merged_name, "../escaped", "a/b"):
+        graph["3"]["inputs"]["name"] = bad
+        err = history_error(comfy_server.run(graph))
+        assert err is not None, bad
+    assert not (comfy_server.base / "models" / "escaped").exists()
