@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import weakref
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -52,36 +53,46 @@ def resolve_model_folder(name: str) -> str:
 
 
 class PipeCache:
-    """Keeps the one loaded EasyAnimate pipe across queue runs: same folder + options = no reload.
-    Loading another first drops the old one and asks the host to free its own models."""
+    """Finds the loaded EasyAnimate pipe again across queue runs: same folder + options = no reload.
+
+    It holds the pipe weakly: the strong references are ComfyUI's own node-output caches, so the
+    host's "free model and node cache" (or a graph that no longer uses the model) frees it, as it
+    frees the host's own models. Loading another model first frees the GPU of the old one and asks
+    the host to unload its models."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._key = None
-        self._pipe: EasyAnimatePipe | None = None
+        self._pipe_ref: weakref.ref[EasyAnimatePipe] | None = None
+        self.loads = 0  # how many times a folder was actually read from disk
+
+    def _alive(self) -> EasyAnimatePipe | None:
+        return None if self._pipe_ref is None else self._pipe_ref()
 
     def get(self, folder: str, precision: str, memory_mode: str) -> EasyAnimatePipe:
         stat = os.stat(os.path.join(folder, "transformer", "config.json"))
         key = (os.path.realpath(folder), stat.st_mtime_ns, precision, memory_mode)
         with self._lock:
-            if key == self._key and self._pipe is not None:
-                return self._pipe
+            pipe = self._alive()
+            if key == self._key and pipe is not None:
+                return pipe
+            del pipe
             self.release()
             mm.unload_all_models()
             # ComfyUI executes nodes under torch.inference_mode(); weights created there become
             # inference tensors, which autograd refuses to save, and reward training needs to.
             with torch.inference_mode(False):
-                self._pipe = load_pipe(folder, precision, memory_mode, device=mm.get_torch_device(),
-                                       offload_device=mm.unet_offload_device())
-            self._key = key
-            return self._pipe
+                pipe = load_pipe(folder, precision, memory_mode, device=mm.get_torch_device(),
+                                 offload_device=mm.unet_offload_device())
+            self.loads += 1
+            self._pipe_ref, self._key = weakref.ref(pipe), key
+            return pipe
 
     def release(self) -> None:
-        """Drop our reference and free the GPU at once. ComfyUI may still hold the old model in its
-        node-output cache (it frees it when that cache is pruned); if a cached branch uses it again
-        it still works, moving its parts in and out as needed."""
-        old = self._pipe
-        self._pipe, self._key = None, None
+        """Free the GPU of the current pipe at once. If a cached graph branch still holds it, it keeps
+        working: a pipe that lived on the GPU becomes a whole-module-offload pipe."""
+        old = self._alive()
+        self._pipe_ref, self._key = None, None
         if old is not None:
             old.placement.demote([old.transformer, old.vae, old.text_encoder, old.text_encoder_2])
         del old

@@ -32,6 +32,21 @@ def test_same_folder_and_options_reuse_the_loaded_pipe(common, tiny_models):
     assert other is not first
     third = cache.get(str(tiny_models["v5.1"]), "fp32", "model_cpu_offload")
     assert third.version == "v5.1" and cache.get(str(tiny_models["v5.1"]), "fp32", "model_cpu_offload") is third
+    assert cache.loads == 3
+
+
+def test_the_cache_does_not_keep_a_model_nobody_uses(common, tiny_models):
+    import gc
+    import weakref
+
+    cache = common.PipeCache()
+    pipe = cache.get(str(tiny_models["v5"]), "fp32", "none")
+    alive = weakref.ref(pipe)
+    del pipe  # what ComfyUI's "free model and node cache" does to its cached node outputs
+    gc.collect()
+    assert alive() is None, "the loader cache must not keep a pipe alive on its own"
+    cache.get(str(tiny_models["v5"]), "fp32", "none")
+    assert cache.loads == 2
 
 
 def test_model_names_never_escape_the_models_folder(common):
