@@ -6,7 +6,6 @@ plots in reward/plot.py.
 
 from __future__ import annotations
 
-
 import comfy.model_management as mm
 import folder_paths
 import torch
@@ -91,7 +90,9 @@ class RewardModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, kind, device, dtype) -> io.NodeOutput:
         torch_device = resolve_device(device)
-        reward = load_reward(kind, find_reward_folder(kind), torch_device, resolve_dtype(dtype, torch_device))
+        # Outside ComfyUI's inference mode: training backpropagates through the reward's weights.
+        with torch.inference_mode(False):
+            reward = load_reward(kind, find_reward_folder(kind), torch_device, resolve_dtype(dtype, torch_device))
         return io.NodeOutput(reward)
 
 
