@@ -13,7 +13,14 @@ random official-format LoRA (rank 128, alpha 64) on every Linear. Then, in one p
 Reports wall time and peak RSS growth of each phase, the speed-up of a strength change, and the
 max abs drift of the base weights after 100 strength changes and a final removal, for both.
 
+`--device cuda`: the transformer's weights live on the GPU (as under gpu_memory_mode "none") and are
+patched there; our backups stay in CPU RAM (as LoraPatcher keeps them), the naive path moves each
+LoRA pair to the GPU and merges there (as EasyAnimate's nodes do). Phases are timed with
+torch.cuda.synchronize() and also report the peak CUDA allocation (torch.cuda.max_memory_allocated)
+above what was allocated when the phase began. Reference snapshots are kept in CPU RAM.
+
     .venv/bin/python benchmarks/lora_merge.py [--layers 4] [--threads N] Default run (2 blocks): about 2 minutes on 2 idle CPU cores, ~3 GB RAM; --layers 6 fits in ~8 GB.
+    python benchmarks/lora_merge.py --device cuda --layers 48     # the whole 12b (24 GB bf16 on the GPU)
 """
 
 from __future__ import annotations
@@ -46,9 +53,19 @@ def rss_bytes() -> int:
 
 
 class PeakRSS:
-    """Samples RSS every few ms on a thread; `growth` = peak during the block - RSS at its start."""
+    """Samples RSS every few ms on a thread; `growth` = peak during the block - RSS at its start.
+    On a CUDA device the block is bracketed by synchronize() (so the time covers the queued kernels)
+    and `cuda_growth` = peak CUDA allocation during the block - allocation at its start."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.cuda_growth = self.cuda_peak = 0
 
     def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.cuda_start = torch.cuda.memory_allocated()
         self.start = self.peak = rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -62,14 +79,19 @@ class PeakRSS:
             time.sleep(0.003)
 
     def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.t0
+        if self.cuda:
+            self.cuda_peak = torch.cuda.max_memory_allocated()
+            self.cuda_growth = self.cuda_peak - self.cuda_start
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
         self.growth = self.peak - self.start
 
 
-def build_transformer(layers: int) -> nn.Module:
+def build_transformer(layers: int, device: torch.device | str = "cpu") -> nn.Module:
     from diffusers import EasyAnimateTransformer3DModel
 
     with torch.device("meta"):
@@ -77,9 +99,10 @@ def build_transformer(layers: int) -> nn.Module:
             num_attention_heads=48, attention_head_dim=64, in_channels=33, out_channels=16, patch_size=2,
             num_layers=layers, mmdit_layers=layers, time_embed_dim=512, text_embed_dim=3584,
         )
-    model = model.to_empty(device="cpu")
+    # Materialised (and filled) where it will live: on CUDA the 12b never passes through CPU RAM.
+    model = model.to_empty(device=device)
     nn.Module.to(model, torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02, generator=g)
@@ -118,8 +141,8 @@ def naive_merge(model: nn.Module, lora_path: Path | None, multiplier: float, tab
             continue
         module = model.get_submodule(path)
         dtype = module.weight.dtype
-        up = parts["lora_up.weight"].to(torch.float32)
-        down = parts["lora_down.weight"].to(torch.float32)
+        up = parts["lora_up.weight"].to(module.weight.device, torch.float32)
+        down = parts["lora_down.weight"].to(module.weight.device, torch.float32)
         scale = parts["alpha"].item() / up.shape[1]
         module.to(torch.float32)
         module.weight.data += multiplier * scale * torch.mm(up, down)
@@ -134,7 +157,8 @@ def naive_unmerge(model, lora_path, multiplier, table, state=None, only=None):
 
 
 def snapshot(model: nn.Module, only: set[str] | None = None) -> dict[str, torch.Tensor]:
-    return {n: m.weight.detach().clone() for n, m in model.named_modules()
+    # Always a CPU copy: two snapshots of a 12b beside the model would not fit on one GPU.
+    return {n: m.weight.detach().to("cpu", copy=True) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and (only is None or n in only)}
 
 
@@ -142,6 +166,7 @@ def max_drift(model: nn.Module, reference: dict[str, torch.Tensor]) -> tuple[flo
     worst, changed = 0.0, 0
     for name, ref in reference.items():
         w = model.get_submodule(name).weight
+        ref = ref.to(w.device)
         diff = (w.float() - ref.float()).abs().max().item()
         worst = max(worst, diff)
         changed += int((w != ref).sum().item())
@@ -149,7 +174,15 @@ def max_drift(model: nn.Module, reference: dict[str, torch.Tensor]) -> tuple[flo
 
 
 def fmt_row(label: str, probe: PeakRSS) -> str:
-    return f"  {label:<34} {probe.seconds:8.2f} s   peak RSS +{probe.growth / 2**20:8.0f} MiB"
+    row = f"  {label:<34} {probe.seconds:8.2f} s   peak RSS +{probe.growth / 2**20:8.0f} MiB"
+    if probe.cuda:
+        row += f"   peak CUDA +{probe.cuda_growth / 2**20:8.0f} MiB (max allocated {probe.cuda_peak / 2**30:.2f} GiB)"
+    return row
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main(argv=None) -> None:
@@ -159,12 +192,20 @@ def main(argv=None) -> None:
     parser.add_argument("--alpha", type=float, default=64.0)
     parser.add_argument("--changes", type=int, default=100, help="strength changes for the drift measurement")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the transformer's weights live (backups always stay in CPU RAM)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA build of torch and a visible GPU")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    model = build_transformer(args.layers)
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)} "
+              f"({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)")
+    model = build_transformer(args.layers, device)
     params = sum(p.numel() for p in model.parameters())
     print(f"transformer: {args.layers} blocks of width 3072 (ff 12288), {params / 1e6:.0f} M params, "
           f"{params * 2 / 2**30:.2f} GiB bf16")
@@ -179,18 +220,18 @@ def main(argv=None) -> None:
         # ---- ours
         print("\nours (LoraPatcher, fused):")
         patcher = LoraPatcher()
-        with PeakRSS() as load:
+        with PeakRSS(device) as load:
             weights = load_lora_file(lora_path, model)
         print(fmt_row("load + validate file (once)", load))
-        with PeakRSS() as ours_first:
+        with PeakRSS(device) as ours_first:
             patcher.sync(model, (AppliedLora("r", weights, 0.7),))
         print(fmt_row("(a) first merge at 0.7", ours_first))
-        with PeakRSS() as ours_change:
+        with PeakRSS(device) as ours_change:
             patcher.sync(model, (AppliedLora("r", weights, 0.4),))
         print(fmt_row("(b) strength 0.7 -> 0.4", ours_change))
         ours_04 = snapshot(model)
         backup_gib = patcher.backup_bytes / 2**30
-        with PeakRSS() as ours_restore:
+        with PeakRSS(device) as ours_restore:
             patcher.sync(model, ())
         print(fmt_row("(c) restore", ours_restore))
         print(f"  CPU backup held while patched: {backup_gib:.2f} GiB (freed on restore: "
@@ -200,15 +241,15 @@ def main(argv=None) -> None:
 
         # ---- naive
         print("\nnaive (re-read file, merge per key; unmerge by subtracting):")
-        with PeakRSS() as naive_first:
+        with PeakRSS(device) as naive_first:
             naive_merge(model, lora_path, 0.7, table)
         print(fmt_row("(a) first merge at 0.7", naive_first))
-        with PeakRSS() as naive_change:
+        with PeakRSS(device) as naive_change:
             naive_unmerge(model, lora_path, 0.7, table)
             naive_merge(model, lora_path, 0.4, table)
         print(fmt_row("(b) strength 0.7 -> 0.4", naive_change))
         naive_vs_ours, _ = max_drift(model, ours_04)
-        with PeakRSS() as naive_restore:
+        with PeakRSS(device) as naive_restore:
             naive_unmerge(model, lora_path, 0.4, table)
         print(fmt_row("(c) restore (unmerge)", naive_restore))
         naive_after_one, changed_one = max_drift(model, base)
@@ -230,14 +271,17 @@ def main(argv=None) -> None:
         for name, t in restore_all.items():  # start both from the exact base
             model.get_submodule(name).weight.data.copy_(t)
         patcher = LoraPatcher()
+        synchronize(device)
         t0 = time.perf_counter()
         for s in strengths:
             patcher.sync(model, (AppliedLora("r", sub_weights, s),))
         patcher.sync(model, ())
+        synchronize(device)
         ours_loop = time.perf_counter() - t0
         drift_ours, changed_ours = max_drift(model, {n: base[n] for n in drift_set})
 
         state = load_file(str(lora_path))  # arithmetic only: skip the disk reads in this loop
+        synchronize(device)
         t0 = time.perf_counter()
         previous = None
         for s in strengths:
@@ -246,6 +290,7 @@ def main(argv=None) -> None:
             naive_merge(model, None, s, table, state, drift_set)
             previous = s
         naive_unmerge(model, None, previous, table, state, drift_set)
+        synchronize(device)
         naive_loop = time.perf_counter() - t0
         drift_naive, changed_naive = max_drift(model, {n: base[n] for n in drift_set})
         n_drift = sum(base[n].numel() for n in drift_set)

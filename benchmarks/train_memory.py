@@ -246,6 +246,25 @@ def table(rows: list[dict], memory_key: str, memory_label: str, extra_key: str |
     return "\n".join(lines)
 
 
+def gpu_targets(rows: list[dict], limit_bytes: float = 80e9, flat_tolerance: float = 0.10) -> str:
+    """The issue's two GPU targets: every truncated configuration's whole peak (weights included)
+    within 80 GB, and its memory above the weights flat in T (largest within 10% of smallest)."""
+    lines = ["", "targets: peak torch.cuda.max_memory_allocated, weights included (GB = 1e9 bytes), <= 80 GB;"
+             " truncated modes flat in T (within 10%):"]
+    for name in STRATEGIES:
+        mine = [r for r in rows if r["strategy"] == name]
+        peaks = " / ".join("OOM" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 1e9:.1f}" for r in mine)
+        line = f"  {name:<8} T={'/'.join(str(r['steps']) for r in mine)}: {peaks} GB"
+        if name != "full":
+            fits = all(r["peak_bytes"] is not None and r["peak_bytes"] <= limit_bytes for r in mine)
+            above = [r["above_weights"] for r in mine if r["above_weights"] is not None]
+            flat = len(above) == len(mine) and max(above) <= (1 + flat_tolerance) * min(above)
+            spread = f"{max(above) / min(above) - 1:+.1%}" if len(above) == len(mine) and min(above) > 0 else "n/a"
+            line += f"  [<= 80 GB: {'yes' if fits else 'NO'}; flat: {'yes' if flat else 'NO'} (max/min - 1 = {spread})]"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="12b-shaped transformer on CUDA")
@@ -270,6 +289,7 @@ def main(argv=None) -> None:
         print(f"\nGPU {torch.cuda.get_device_name()}: {args.layers}-layer 3072-wide transformer, 256x256x49, cfg 6, "
               "gradient checkpointing, bf16, LoRA rank 16 on every Linear, 1 decoded latent")
         print(table(rows, "above_weights", "peak above weights"))
+        print(gpu_targets(rows))
     else:
         args.layers = args.layers or 4
         rows = run_cpu(args)
