@@ -489,17 +489,39 @@ def kohya_state_dict(weights: LoraWeights, dtype: torch.dtype = torch.bfloat16) 
     return state
 
 
+def diffusers_state_dict(weights: LoraWeights, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The diffusers / PEFT key layout: `transformer.<diffusers path>.lora_A.weight` (r, in) and
+    `.lora_B.weight` (out, r). Those files carry no alpha (readers take alpha = rank), so the
+    alpha / rank factor is folded into lora_B: every reader then computes the same update."""
+    if weights.text_encoder_modules:
+        raise ValueError("the diffusers layout here is for transformer LoRAs; this one also has text-encoder entries")
+    state: dict[str, torch.Tensor] = {}
+    for path, lora in weights.modules.items():
+        scale = lora.alpha / lora.down.shape[0]
+        state[f"transformer.{path}.lora_A.weight"] = lora.down.detach().to("cpu", dtype).contiguous()
+        state[f"transformer.{path}.lora_B.weight"] = (lora.up.detach().float() * scale).to("cpu", dtype).contiguous()
+    return state
+
+
+LORA_FILE_STYLES = ("kohya", "diffusers")
+
+
 def save_lora_file(
     path: str | os.PathLike,
     weights: LoraWeights,
     dtype: torch.dtype = torch.bfloat16,
     metadata: Mapping[str, str] | None = None,
+    style: str = "kohya",
 ) -> Path:
-    """Write `weights` as an official-format kohya safetensors file, atomically."""
+    """Write `weights` as a safetensors file, atomically: `style` "kohya" is the official
+    EasyAnimate format (original module paths, .alpha keys); "diffusers" is the PEFT/diffusers
+    layout (lora_A / lora_B on diffusers module paths, alpha folded into lora_B)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA files are written as .safetensors")
-    state = kohya_state_dict(weights, dtype)
+    if style not in LORA_FILE_STYLES:
+        raise ValueError(f"unknown LoRA file style {style!r}; choose one of {', '.join(LORA_FILE_STYLES)}")
+    state = kohya_state_dict(weights, dtype) if style == "kohya" else diffusers_state_dict(weights, dtype)
     ranks = sorted(weights.ranks)
     alphas = sorted({m.alpha for m in weights.modules.values()})
     meta = {

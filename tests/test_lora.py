@@ -497,3 +497,48 @@ def test_a_stack_that_does_not_fit_changes_nothing(official):
     with pytest.raises(ValueError, match="made for another model"):
         patcher.sync(model, (AppliedLora("a", weights, 0.9), AppliedLora("wide", wide, 1.0)))
     assert_bitwise(model, patched)
+
+
+def test_diffusers_style_save_is_read_back_as_the_same_update(official, tmp_path):
+    """Our PEFT/diffusers writer folds alpha/rank into lora_B, so a reader that assumes alpha = rank
+    (diffusers, PEFT without its config) and our own reader compute the same weights."""
+    model, tensors, file = official
+    weights = load_lora_file(file, model)
+    patcher = LoraPatcher()
+    apply(patcher, model, weights, 0.7)
+    kohya_state = snapshot(model)
+    patcher.restore(model)
+
+    out = save_lora_file(tmp_path / "as_diffusers.safetensors", weights, dtype=torch.float32, style="diffusers")
+    keys = set(load_file(str(out)))
+    assert all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    reread = load_lora_file(out, model)
+    apply(patcher, model, reread, 0.7)
+    for name, value in snapshot(model).items():
+        torch.testing.assert_close(value, kohya_state[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="style"):
+        save_lora_file(tmp_path / "x.safetensors", weights, style="webui")
+
+
+def test_diffusers_style_file_matches_peft_on_the_same_model(official, tmp_path):
+    """Reference check: the file we write in the diffusers/PEFT layout, loaded by the peft library
+    itself into the same transformer, computes what our patcher computes at strength 1."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    model, tensors, file = official
+    weights = load_lora_file(file, model)
+    out = save_lora_file(tmp_path / "for_peft.safetensors", weights, dtype=torch.float32, style="diffusers")
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(out)).items()}
+
+    reference = tiny_transformer()  # same seed: the same base weights
+    config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=sorted(linears(reference)))
+    inject_adapter_in_model(config, reference)
+    result = set_peft_model_state_dict(reference, state)
+    assert not result.unexpected_keys
+    expected = run(reference)
+
+    patcher = LoraPatcher()
+    apply(patcher, model, weights, 1.0)
+    torch.testing.assert_close(run(model), expected, rtol=1e-4, atol=1e-5)
+    patcher.restore(model)
+    assert not torch.allclose(run(model), expected)
