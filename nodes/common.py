@@ -16,6 +16,7 @@ import folder_paths
 
 from ..easyanimate.loading import load_pipe
 from ..easyanimate.model import EasyAnimateModel, EasyAnimatePipe
+from ..training.checkpoint import is_optimizer_file
 
 EASYANIMATE_FOLDER = "easyanimate"      # models/EasyAnimate/<model folder>/
 REWARD_FOLDER = "reward_models"         # models/reward_models/
@@ -28,6 +29,12 @@ def register_model_folders() -> None:
         path = os.path.join(folder_paths.models_dir, sub)
         os.makedirs(path, exist_ok=True)
         folder_paths.add_model_folder_path(key, path)
+
+
+def lora_file_names() -> list[str]:
+    """The LoRA files a user can pick in models/loras. The trainer's optimizer state, kept beside
+    each checkpoint in the same folder, is not a LoRA and is left out."""
+    return [n for n in folder_paths.get_filename_list(LORA_FOLDER) if not is_optimizer_file(n)]
 
 
 def model_folder_names() -> list[str]:

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from ..easyanimate.lora_format import LoraWeights, load_lora_file
 from ..easyanimate.lora_merge import merged_model_destination, save_merged_model
 from ..easyanimate.lora_patch import DEFAULT_MODE, MODES
-from .common import EASYANIMATE_FOLDER, LORA_FOLDER, progress_callback
+from .common import EASYANIMATE_FOLDER, LORA_FOLDER, lora_file_names, progress_callback
 from .types import EasyAnimateModelType
 
 MODE_TOOLTIP = (
@@ -62,7 +62,7 @@ class EasyAnimateLoraApply(io.ComfyNode):
                         "and the model you plug in stays unchanged for other branches.",
             inputs=[
                 EasyAnimateModelType.Input("model"),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list(LORA_FOLDER),
+                io.Combo.Input("lora_name", options=lora_file_names(),
                                tooltip="A LoRA from models/loras: official EasyAnimate (kohya) or PEFT format."),
                 io.Float.Input("strength", default=0.7, min=-10.0, max=10.0, step=0.01,
                                tooltip="Multiplier of the LoRA update (the reward LoRAs recommend 0.7). "

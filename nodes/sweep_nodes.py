@@ -10,7 +10,7 @@ from ..easyanimate.lora_patch import DEFAULT_MODE, MODES
 from ..easyanimate.sampling import SCHEDULER_CHOICES, SampleRequest, check_video_size, sample_video
 from ..reward.plot import plot_series
 from ..reward.scoring import score_images
-from .common import check_interrupt, progress_callback
+from .common import check_interrupt, lora_file_names, progress_callback
 from .lora_nodes import cached_lora
 from .types import EasyAnimateModelType, RewardModelType
 
@@ -46,7 +46,7 @@ class EasyAnimateStrengthSweep(io.ComfyNode):
                         "strength (no reload).",
             inputs=[
                 EasyAnimateModelType.Input("model"),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                io.Combo.Input("lora_name", options=lora_file_names(),
                                tooltip="The LoRA to sweep (models/loras)."),
                 RewardModelType.Input("reward"),
                 io.String.Input("prompt", multiline=True, default="A cat playing the piano in a sunny room."),

@@ -15,7 +15,7 @@ from ..easyanimate.lora_format import load_lora_file
 from ..training.config import BACKPROP_STRATEGIES, TrainConfig
 from ..training.prompts import load_prompts
 from ..training.trainer import RewardLoRATrainer as CoreTrainer, StepReport, history_plot
-from .common import LORA_FOLDER, output_subpath
+from .common import LORA_FOLDER, lora_file_names, output_subpath
 from .types import EasyAnimateModelType, RewardModelType
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def sanitize_lora_name(name: str) -> str:
 
 
 def _resume_options() -> list[str]:
-    return [NO_RESUME] + folder_paths.get_filename_list(LORA_FOLDER)
+    # The optimizer files beside the checkpoints are no LoRAs: resuming picks them up on its own.
+    return [NO_RESUME] + lora_file_names()
 
 
 def _max_reward(text: str) -> float | None:
@@ -61,7 +62,9 @@ class RewardLoRATrainerNode(io.ComfyNode):
             description="Trains a LoRA on the transformer by reward backpropagation: samples videos from noise with the "
                         "real sampler, keeps gradients only on the chosen denoising steps, decodes the first latents, "
                         "scores frames with the reward and updates the LoRA to raise the score. Saves the LoRA to "
-                        "models/loras (official EasyAnimate format, with a .json of settings and history).",
+                        "models/loras (official EasyAnimate format, with a .json of settings and history, and "
+                        "<name>.optimizer.safetensors with AdamW's state for an exact resume); with held-out "
+                        "prompts also <name>.best.safetensors, the LoRA of the best held-out reward.",
             is_output_node=True,
             inputs=[
                 EasyAnimateModelType.Input("model", tooltip="The model to train on; LoRAs already applied stay under it."),
@@ -122,20 +125,26 @@ class RewardLoRATrainerNode(io.ComfyNode):
                                tooltip="Multiplies the loss."),
                 io.Int.Input("save_every", default=100, min=0, max=1_000_000,
                              tooltip="Save the LoRA every N steps (0: only at the end). It is also saved when "
-                                     "training is cancelled or fails."),
+                                     "training is cancelled or fails. Each save also writes "
+                                     "<name>.optimizer.safetensors (AdamW's state), so a resume continues exactly."),
                 io.String.Input("lora_name", default="easyanimate_reward_lora",
-                                tooltip="File name in models/loras ('.safetensors' is added)."),
+                                tooltip="File name in models/loras ('.safetensors' is added). <name>.optimizer.safetensors "
+                                        "(for resuming) and, with held-out prompts, <name>.best.safetensors go beside it."),
                 io.String.Input("eval_prompts", multiline=True, default="",
                                 tooltip="Held-out prompts (lines or a file name), scored without gradients on fixed "
                                         "seeds. Training reward rising while held-out stalls = reward hacking."),
                 io.Int.Input("eval_every", default=0, min=0, max=1_000_000,
-                             tooltip="Score the held-out prompts every N steps (0: never)."),
+                             tooltip="Score the held-out prompts every N steps (0: never). The LoRA with the best held-out "
+                                     "reward so far is kept as <name>.best.safetensors (+ .json)."),
                 io.Int.Input("early_stop_patience", default=0, min=0, max=10_000,
-                             tooltip="Stop after this many held-out evaluations without improvement (0: never)."),
+                             tooltip="Stop after this many held-out evaluations without improvement (0: never); "
+                                     "the summary then names the best checkpoint (<name>.best.safetensors)."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward (transformer and VAE): far less memory."),
                 io.Combo.Input("resume_from", options=_resume_options(), default=NO_RESUME, optional=True,
-                               tooltip="Continue a run from its LoRA (step count and history come from its .json)."),
+                               tooltip="Continue a run from its LoRA (step count and history come from its .json, AdamW's "
+                                       "state and float32 weights from its .optimizer.safetensors: the run continues "
+                                       "as if never stopped; without that file the moments restart)."),
             ],
             outputs=[
                 EasyAnimateModelType.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -193,6 +202,10 @@ class RewardLoRATrainerNode(io.ComfyNode):
             extra_info={"lora_name": name, "reward": getattr(reward, "name", type(reward).__name__)})
         result = trainer.train()
         summary = f"{result.stop_reason} at step {result.state.step}: saved models/loras/{name}"
+        if result.best_path is not None:
+            best_name = _relative_name(result.best_path, loras_dir)
+            summary += (f"\nbest held-out reward {result.best_eval_reward:.5g} at step {result.best_step}: "
+                        f"models/loras/{best_name}")
         _show_text(summary, node_id)
         # The wire carries exactly what the file holds (bf16), so the LoRA picked later by name
         # in EasyAnimateLoraApply behaves the same as this output.
@@ -201,6 +214,14 @@ class RewardLoRATrainerNode(io.ComfyNode):
         preview = ui.PreviewImage(plot, cls=cls)
         shown = {"images": preview.values, "animated": (False,), "text": (summary,)}
         return io.NodeOutput(model.with_lora(weights, 1.0, name), name, plot, ui=shown)
+
+
+def _relative_name(path, folder: str) -> str:
+    """models/loras-relative name of a file the trainer wrote (forward slashes, as the LoRA lists show)."""
+    try:
+        return os.path.relpath(path, folder).replace(os.sep, "/")
+    except ValueError:  # another drive (Windows): show the full path
+        return str(path)
 
 
 def _show_text(text: str, node_id: str | None) -> None:

@@ -1,5 +1,6 @@
 """Reward backprop on tiny models: truncated gradients against independent autograd references,
-LoRA-only gradients, reward going up, checkpoints surviving interrupts and NaNs, prompts, CLI."""
+LoRA-only gradients, reward going up, checkpoints surviving interrupts and NaNs, exact resume with
+the optimizer state, the best held-out checkpoint, prompts, CLI."""
 
 import contextlib
 import json
@@ -18,8 +19,12 @@ from easyanimate_reward.reward.simple import ColorfulnessReward, SaturationRewar
 from easyanimate_reward.training.checkpoint import (
     NonFiniteWeightsError,
     TrainingState,
+    best_path,
     load_checkpoint,
+    optimizer_path,
+    read_optimizer_state,
     save_checkpoint,
+    save_optimizer_state,
     sidecar_path,
 )
 from easyanimate_reward.training.config import TrainConfig, parse_step_list, select_grad_steps
@@ -321,6 +326,11 @@ def test_nan_loss_stops_and_keeps_finite_checkpoint(pipes, tmp_path):
     with pytest.raises(NonFiniteWeightsError):
         save_checkpoint(out, trainer.lora.to_weights(), TrainingState(step=3))
     assert out.read_bytes() == before
+    # The optimizer state beside it is the step-2 one; NaN moments are never written, and the
+    # stale file goes (it would not match the LoRA that a finite-weight save writes next).
+    assert read_optimizer_state(out)[1] == 2
+    assert save_optimizer_state(out, {"x.down.exp_avg": torch.tensor([float("nan")])}, 3) is None
+    assert not optimizer_path(out).exists()
 
 
 def test_bf16_and_float8_bases_train_float32_lora(tiny_models):
@@ -346,6 +356,9 @@ def test_early_stop_on_held_out_and_cli(pipes, tiny_models, tmp_path):
     result = RewardLoRATrainer(EasyAnimateModel(pipe), SaturationReward(), [PROMPT], config,
                                eval_prompts=["a dog"]).train()
     assert result.stop_reason == "early stop" and result.state.step == 1
+    # The negligible update did not beat the baseline: the best is step 0 (no output path, no file).
+    assert result.best_step == 0 and result.best_path is None
+    assert result.best_eval_reward == result.state.history["eval_reward"][0]
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n')
@@ -384,3 +397,106 @@ def test_prompt_file_names_from_a_workflow_stay_in_the_input_folder(tmp_path):
             load_prompts(bad, [inside], confine=True)
     # The CLI reads whatever path its user gives.
     assert load_prompts(str(tmp_path / "secret.txt"), [inside]) == ["not for workflows"]
+
+
+def factors(trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.lora.named_factors()}
+
+
+def test_resume_with_optimizer_state_matches_an_uninterrupted_run(pipes, tmp_path, caplog):
+    """4 steps in one go == 2 steps + resume + 2 steps, bitwise: AdamW's moments and the float32
+    weights (the LoRA file is bf16) come back from <name>.optimizer.safetensors; the seeds, the
+    prompt order and the 'random' backprop steps derive from (seed, step), so no RNG state is needed."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pipe = pipes["v5.1"]
+    prompts = [PROMPT, "a dog", "a red car"]
+    config = tiny_config(train_steps=4, guidance_scale=1.0, sampling_steps=3, backprop="random", backprop_k=2,
+                         grad_accumulation=2, learning_rate=3e-2, weight_decay=1e-2)
+    first_half = tiny_config(**{**config.to_dict(), "train_steps": 2})
+
+    def trainer(cfg, out, resume=None):
+        return RewardLoRATrainer(EasyAnimateModel(pipe), ColorfulnessReward(), prompts, cfg, output_path=out,
+                                 resume_from=resume)  # bf16 LoRA files (the default)
+
+    whole = trainer(config, tmp_path / "whole.safetensors")
+    whole.train()
+    out = tmp_path / "halves.safetensors"
+    trainer(first_half, out).train()
+    moments = optimizer_path(out)
+    assert moments.name == "halves.optimizer.safetensors" and moments.is_file()
+    sidecar = json.loads(sidecar_path(out).read_text())
+    assert sidecar["optimizer_file"] == moments.name and sidecar["step"] == 2
+    stored = load_file(str(moments))
+    path0 = f"{whole.lora.paths[0]}.up"
+    assert {f"{path0}.exp_avg", f"{path0}.exp_avg_sq", f"{path0}.step", f"{path0}.master"} <= set(stored)
+    assert stored[f"{path0}.step"].item() == 2 and stored[f"{path0}.master"].dtype == torch.float32
+    for suffix in (".safetensors", ".safetensors.json"):  # the same checkpoint without its optimizer file
+        shutil.copy(tmp_path / f"halves{suffix}", tmp_path / f"fresh{suffix}")
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        resumed = trainer(config, out, resume=out)
+        result = resumed.train()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    assert result.state.step == 4
+    expected, actual = factors(whole), factors(resumed)
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert result.state.history["reward"] == whole.state.history["reward"]
+    final_whole, final_halves = load_file(str(optimizer_path(whole.output_path))), load_file(str(moments))
+    assert all(torch.equal(final_whole[k], final_halves[k]) for k in final_whole)
+
+    # Without the optimizer file the run warns and restarts the moments: the result differs.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        fresh = trainer(config, tmp_path / "fresh.safetensors", resume=tmp_path / "fresh.safetensors")
+        fresh.train()
+    assert "without optimizer state" in caplog.text
+    gap = max((expected[n] - p).abs().max().item() for n, p in factors(fresh).items())
+    assert gap > 1e-5
+
+    # An optimizer file from another save (step 4 beside a step-2 LoRA) is refused, not used.
+    caplog.clear()
+    stale = tmp_path / "stale.safetensors"
+    trainer(first_half, stale).train()  # a step-2 checkpoint ...
+    shutil.copy(moments, optimizer_path(stale))  # ... next to the step-4 optimizer state
+    with caplog.at_level("WARNING"):
+        trainer(config, tmp_path / "after_stale.safetensors", resume=stale).train()
+    assert "saved at step 4, the LoRA at step 2" in caplog.text
+
+
+def test_best_held_out_checkpoint(pipes, tmp_path):
+    pipe = pipes["v5"]
+    config = tiny_config(train_steps=4, learning_rate=1e-1, eval_every=1, backprop="all", guidance_scale=1.0,
+                         sampling_steps=2)
+    out = tmp_path / "run.safetensors"
+    snapshots = {}
+    trainer = RewardLoRATrainer(EasyAnimateModel(pipe), SaturationReward(), [PROMPT], config, output_path=out,
+                                eval_prompts=["a dog running on the beach at sunset"],
+                                on_step=lambda report: snapshots.update({report.step: factors(trainer)}))
+    result = trainer.train()
+    history = result.state.history
+    assert history["eval_step"] == [0, 1, 2, 3, 4]
+    best_index = max(range(5), key=lambda i: history["eval_reward"][i])  # loss = -reward: best = highest
+    assert best_index > 0, history  # training raised the held-out reward
+    assert result.best_step == best_index and result.best_eval_reward == history["eval_reward"][best_index]
+    assert result.best_path == best_path(out) == tmp_path / "run.best.safetensors" and result.best_path.is_file()
+    # It is a plain LoRA holding the weights of the best step, and its sidecar says which step that was.
+    weights = load_lora_file(result.best_path, pipe.transformer)
+    for name, tensor in snapshots[best_index].items():
+        path, factor = name.rsplit(".", 1)
+        torch.testing.assert_close(getattr(weights.modules[path], factor).float(), tensor, rtol=1e-2, atol=1e-4)
+    best_side = json.loads(sidecar_path(result.best_path).read_text())
+    assert best_side["step"] == best_side["best_step"] == best_index
+    assert best_side["best_eval_reward"] == pytest.approx(history["eval_reward"][best_index])
+    assert best_side["best_of"] == "run.safetensors" and best_side["optimizer_file"] is None
+    main_side = json.loads(sidecar_path(out).read_text())
+    assert main_side["best_file"] == "run.best.safetensors" and main_side["best_step"] == best_index
+    assert not optimizer_path(result.best_path).exists()
+    # A resumed run keeps pointing at that best file until it improves on it.
+    resumed = RewardLoRATrainer(EasyAnimateModel(pipe), SaturationReward(), [PROMPT], config, output_path=out,
+                                eval_prompts=["a dog running on the beach at sunset"], resume_from=out).train()
+    assert resumed.stop_reason == "already done" and resumed.best_path == result.best_path
+    assert resumed.best_step == best_index

@@ -67,6 +67,16 @@ def test_train_save_reload_and_apply_by_name(comfy_server):
     assert lora_file.is_file() and name in entry["outputs"]["3"]["text"][0]
     sidecar = json.loads(lora_file.with_name(lora_file.name + ".json").read_text())
     assert sidecar["step"] == 3 and sidecar["history"]["eval_step"] == [0, 3]
+    # The optimizer state for an exact resume, and the best held-out LoRA named in the summary.
+    assert sidecar["optimizer_file"] == "reward lora.optimizer.safetensors"
+    assert lora_file.with_name("reward lora.optimizer.safetensors").is_file()
+    # ... which is no LoRA: the pickers list the trained LoRAs but not the optimizer state.
+    picker = comfy_server.object_info()["EasyAnimateLoraApply"]["input"]["required"]["lora_name"]
+    options = picker[0] if isinstance(picker[0], list) else picker[1]["options"]
+    assert name in options and not any(o.endswith(".optimizer.safetensors") for o in options)
+    best_file = lora_file.with_name("reward lora.best.safetensors")
+    assert sidecar["best_file"] == best_file.name and best_file.is_file()
+    assert "models/loras/host test/reward lora.best.safetensors" in entry["outputs"]["3"]["text"][0]
     assert len(entry["outputs"]["3"]["images"]) == 1  # the reward/loss plot preview
     # Official kohya keys, and it loads onto the model it was trained on.
     from safetensors import safe_open
@@ -75,6 +85,7 @@ def test_train_save_reload_and_apply_by_name(comfy_server):
         assert any(k.startswith("lora_unet__transformer_blocks_0_attn1_to_q.") for k in f.keys())
     pipe = load_pipe(comfy_server.base / "models" / "EasyAnimate" / MODEL, "fp32", "none")
     assert load_lora_file(lora_file, pipe.transformer).ranks == {4}
+    assert load_lora_file(best_file, pipe.transformer).ranks == {4}
 
     trained, base = saved_frames(comfy_server, entry, "5"), saved_frames(comfy_server, entry, "7")
     assert np.abs(trained - base).max() > 2  # the LoRA changed the video

@@ -7,6 +7,11 @@ KIND is a reward kind (hps_v2.1, pickscore, mps, aesthetic_v2, saturation, ...) 
 combination such as "hps_v2.1 + 0.5*aesthetic_v2". Every TrainConfig field is a flag
 (--sampling-steps, --backprop tail --backprop-k 10, --learning-rate, ...). Ctrl-C stops cleanly:
 the LoRA so far is saved to --output (exit code 130).
+
+Files written beside --output OUT.safetensors: OUT.safetensors.json (settings, step, history),
+OUT.optimizer.safetensors (AdamW state + float32 weights: --resume OUT.safetensors continues exactly
+as an uninterrupted run would) and, with --eval-prompts and --eval-every, OUT.best.safetensors (+ .json),
+the LoRA of the best held-out reward so far.
 """
 
 from __future__ import annotations
@@ -31,14 +36,20 @@ def _flag(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m easyanimate_reward.training",
                                      description="Train an EasyAnimate LoRA by reward backpropagation.",
+                                     epilog="Beside --output OUT.safetensors go OUT.safetensors.json (settings, "
+                                            "history), OUT.optimizer.safetensors (optimizer state for an exact "
+                                            "--resume) and, with held-out evaluation, OUT.best.safetensors (+ .json), "
+                                            "the LoRA of the best held-out reward so far.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="EasyAnimate model folder (V5 or V5.1)")
     parser.add_argument("--reward", required=True, help="reward kind, or a combination like 'hps_v2.1 + 0.5*aesthetic_v2'")
     parser.add_argument("--reward-folder", default=None, help="reward_models folder (not needed for weight-free kinds)")
     parser.add_argument("--prompts", required=True, help=".txt (a prompt a line) or .jsonl (key 'prompt')")
     parser.add_argument("--eval-prompts", default=None, help="held-out prompts file")
-    parser.add_argument("--output", required=True, help="LoRA file to write (.safetensors); a .json sidecar goes beside it")
-    parser.add_argument("--resume", default=None, help="continue from this LoRA file (and its .json)")
+    parser.add_argument("--output", required=True, help="LoRA file to write (.safetensors); its .json sidecar and .optimizer.safetensors go "
+                             "beside it (and .best.safetensors with held-out evaluation)")
+    parser.add_argument("--resume", default=None, help="continue from this LoRA file: step and history from its .json, AdamW state and float32 "
+                             "weights from its .optimizer.safetensors (exact resume; without it the moments restart)")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--memory-mode", default="model_cpu_offload",
                         choices=["none", "model_cpu_offload", "model_cpu_offload_and_qfloat8"])
@@ -54,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default)
         elif f.name == "backprop":
             parser.add_argument(_flag(f.name), choices=BACKPROP_STRATEGIES, default=default)
+        elif f.name == "eval_every":
+            parser.add_argument(_flag(f.name), type=int, default=default,
+                                help="score --eval-prompts every N steps (0: never); the best LoRA so far is kept "
+                                     "as OUT.best.safetensors")
         elif f.name == "max_reward":
             parser.add_argument(_flag(f.name), type=float, default=None,
                                 help="set: loss = |reward - max_reward| * loss_scale; unset: -reward * loss_scale")
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 1
     print(f"{result.stop_reason} at step {result.state.step}; LoRA saved to {result.saved_path}")
+    if result.best_path is not None:
+        print(f"best held-out reward {result.best_eval_reward:.5g} at step {result.best_step}: {result.best_path}")
     return 0
 
 

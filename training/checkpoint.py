@@ -7,8 +7,17 @@ loader of the pack and of EasyAnimate reads, plus a JSON sidecar with the same n
 metadata, so a sidecar from an older save is recognised.
 
 Weights that are not finite are never written: the previous (good) file stays as it was.
-Optimizer state is not saved: a resumed run restarts AdamW's moment estimates (the LoRA file
-stays a plain, shareable LoRA).
+
+Beside them, `<name>.optimizer.safetensors` holds what an exact resume needs and a shareable LoRA
+should not carry: per LoRA factor (key = diffusers module path + ".down"/".up") AdamW's state
+(`exp_avg`, `exp_avg_sq`, `step`) and the float32 master weight (`master`; the LoRA file is usually
+bf16, and resuming from rounded weights would drift from an uninterrupted run). No RNG state is
+stored because the trainer uses no global RNG: rollout seeds, prompt order and the 'random'
+backprop steps are all derived from (seed, step index). A resume without that file (or with one
+from another save) warns and restarts AdamW's moments.
+
+`<name>.best.safetensors` (+ .json) is the LoRA with the best held-out score so far, written when
+held-out prompts are evaluated.
 """
 
 from __future__ import annotations
@@ -16,17 +25,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
 
 from ..easyanimate.lora_format import LoraWeights, load_lora_file, save_lora_file
-from ..fileio import write_text_atomic
+from ..fileio import save_safetensors_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "easyanimate_reward.training/1"
+OPTIMIZER_FORMAT = "easyanimate_reward.training.optimizer/1"
 STEP_KEY = "easyanimate_reward_step"
 CONFIG_KEY = "easyanimate_reward_config"
+MASTER_KEY = "master"  # per-factor suffix of the float32 master weight in the optimizer file
 
 
 class NonFiniteWeightsError(ValueError):
@@ -45,12 +60,36 @@ class TrainingState:
     history: dict[str, list] = field(default_factory=new_history)
     config: dict = field(default_factory=dict)
     stop_reason: str = ""
-    best_eval: float | None = None
+    best_eval: float | None = None  # lowest held-out loss so far (the early-stopping criterion)
     evals_without_improvement: int = 0
+    best_step: int | None = None  # step of that evaluation
+    best_eval_reward: float | None = None  # held-out reward at that evaluation
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".json")
+
+
+def _beside(path: str | os.PathLike, kind: str) -> Path:
+    """run.safetensors -> run.<kind>.safetensors (the same folder)."""
+    path = Path(path)
+    stem = path.name[:-len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    return path.with_name(f"{stem}.{kind}.safetensors")
+
+
+def optimizer_path(path: str | os.PathLike) -> Path:
+    """Where the optimizer state of the checkpoint `path` lives."""
+    return _beside(path, "optimizer")
+
+
+def is_optimizer_file(path: str | os.PathLike) -> bool:
+    """True for the optimizer-state file of some checkpoint (it sits beside the LoRAs, but is none)."""
+    return Path(path).name.endswith(".optimizer.safetensors")
+
+
+def best_path(path: str | os.PathLike) -> Path:
+    """Where the best-held-out LoRA of the run saving to `path` lives."""
+    return _beside(path, "best")
 
 
 def weights_are_finite(weights: LoraWeights) -> bool:
@@ -68,14 +107,112 @@ def _json_safe(value):
     return value
 
 
+def optimizer_tensors(named_params: Iterable[tuple[str, torch.Tensor]],
+                      optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """`{name}.{state key}` for every tensor of the optimizer's per-parameter state (AdamW: exp_avg,
+    exp_avg_sq, step) and `{name}.master` for the float32 weight itself; CPU copies."""
+    tensors = {}
+    for name, param in named_params:
+        tensors[f"{name}.{MASTER_KEY}"] = param.detach().to("cpu", torch.float32, copy=True).contiguous()
+        for key, value in optimizer.state.get(param, {}).items():
+            value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            tensors[f"{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+    return tensors
+
+
+def _tensors_are_finite(tensors: Mapping[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def save_optimizer_state(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], step: int,
+                         lora_file: str = "") -> Path | None:
+    """Write the optimizer file of checkpoint `path` atomically. Non-finite state is never written:
+    a stale file from an earlier save is removed instead (it would not match the new LoRA) and
+    None is returned."""
+    target = optimizer_path(path)
+    if not _tensors_are_finite(tensors):
+        log.warning("optimizer state at step %d holds NaN/inf; not saved (a resume will restart AdamW's moments)",
+                    step)
+        target.unlink(missing_ok=True)
+        return None
+    metadata = {"format": OPTIMIZER_FORMAT, STEP_KEY: str(step), "lora_file": lora_file or Path(path).name}
+    return save_safetensors_atomic(target, tensors, metadata=metadata)
+
+
+def read_optimizer_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int] | None:
+    """(tensors, step) of checkpoint `path`'s optimizer file; None when there is none."""
+    target = optimizer_path(path)
+    if not target.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(target), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a bad header
+        raise ValueError(f"cannot read optimizer state {target}: {e}. The file is corrupt or incomplete.") from e
+    if metadata.get("format") != OPTIMIZER_FORMAT or STEP_KEY not in metadata:
+        raise ValueError(f"{target} is not an optimizer state written by this trainer")
+    return tensors, int(metadata[STEP_KEY])
+
+
+def restore_optimizer_state(named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+                            tensors: Mapping[str, torch.Tensor], lora: LoraWeights | None = None) -> str | None:
+    """Load saved optimizer state (and float32 master weights) into `optimizer` / the parameters.
+
+    Nothing is changed and the reason is returned when the state does not fit: another set of
+    LoRA factors, other shapes, or master weights that do not round to the LoRA file's weights
+    (the file was replaced after the save). `lora` is the loaded file, for that last check."""
+    known = {name for name, _ in named_params}
+    stored = {key.rsplit(".", 1)[0] for key in tensors}
+    if stored != known:
+        extra, lacking = sorted(stored - known)[:2], sorted(known - stored)[:2]
+        return f"it holds other LoRA factors (file-only {extra}, run-only {lacking})"
+    masters = {}
+    for name, param in named_params:
+        master = tensors.get(f"{name}.{MASTER_KEY}")
+        if master is None or master.shape != param.shape:
+            return f"{name}: the stored master weight is missing or has another shape"
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            value = tensors.get(f"{name}.{key}")
+            if value is not None and value.shape != param.shape:
+                return f"{name}.{key} has shape {tuple(value.shape)}, the LoRA factor {tuple(param.shape)}"
+        if lora is not None:
+            path, factor = name.rsplit(".", 1)
+            saved = getattr(lora.modules[path], factor)
+            if not torch.equal(master.to(saved.dtype), saved):
+                return f"{name}: the LoRA file's weights are not those the optimizer state was saved with"
+        masters[name] = master
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    state_dict = optimizer.state_dict()
+    state_dict["state"] = {}
+    for name, param in named_params:
+        entries = {key.rsplit(".", 1)[1]: value for key, value in tensors.items()
+                   if key.rsplit(".", 1)[0] == name and not key.endswith("." + MASTER_KEY)}
+        if entries:
+            state_dict["state"][index[id(param)]] = {k: v.clone() for k, v in entries.items()}
+    optimizer.load_state_dict(state_dict)  # casts moments to each parameter's device and dtype
+    with torch.no_grad():
+        for name, param in named_params:
+            param.copy_(masters[name])
+    return None
+
+
 def save_checkpoint(path: str | os.PathLike, weights: LoraWeights, state: TrainingState,
-                    extra: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the LoRA (official format) and its sidecar. Raises NonFiniteWeightsError, leaving any
+                    extra: dict | None = None, dtype: torch.dtype = torch.bfloat16,
+                    optimizer_state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write the LoRA (official format) and its sidecar, and with `optimizer_state` (see
+    optimizer_tensors) the optimizer file beside them. Raises NonFiniteWeightsError, leaving any
     previous checkpoint untouched, when a weight is NaN or inf."""
     path = Path(path)
     if not weights_are_finite(weights):
         raise NonFiniteWeightsError(f"LoRA weights at step {state.step} hold NaN/inf; {path} was not overwritten")
     metadata = {STEP_KEY: str(state.step), CONFIG_KEY: json.dumps(_json_safe(state.config), sort_keys=True)}
+    saved_optimizer = None
+    if optimizer_state is not None:
+        # Written first: a crash before the LoRA leaves a step mismatch, which a resume detects.
+        saved_optimizer = save_optimizer_state(path, optimizer_state, state.step, path.name)
     save_lora_file(path, weights, dtype=dtype, metadata=metadata)
     sidecar = {
         "format": SIDECAR_FORMAT,
@@ -84,9 +221,13 @@ def save_checkpoint(path: str | os.PathLike, weights: LoraWeights, state: Traini
         "stop_reason": state.stop_reason,
         "best_eval": state.best_eval,
         "evals_without_improvement": state.evals_without_improvement,
+        "best_step": state.best_step,
+        "best_eval_reward": state.best_eval_reward,
         "config": state.config,
         "history": state.history,
-        "optimizer_state": "not saved (AdamW moments restart on resume)",
+        "optimizer_file": saved_optimizer.name if saved_optimizer is not None else None,
+        "optimizer_state": (f"saved in {saved_optimizer.name} (exact resume)" if saved_optimizer is not None
+                            else "not saved (AdamW moments restart on resume)"),
     }
     sidecar.update(extra or {})
     write_text_atomic(sidecar_path(path), json.dumps(_json_safe(sidecar), indent=1, sort_keys=True))
@@ -125,6 +266,8 @@ def load_checkpoint(path: str | os.PathLike, transformer) -> tuple[LoraWeights, 
         state.config = dict(sidecar.get("config") or {})
         state.best_eval = sidecar.get("best_eval")
         state.evals_without_improvement = int(sidecar.get("evals_without_improvement") or 0)
+        state.best_step = sidecar.get("best_step")
+        state.best_eval_reward = sidecar.get("best_eval_reward")
     if file_step is not None and int(file_step) != state.step:
         # The sidecar belongs to another save (a crash between the two writes): trust the LoRA file.
         state.step = int(file_step)
@@ -134,4 +277,21 @@ def load_checkpoint(path: str | os.PathLike, transformer) -> tuple[LoraWeights, 
         evals = [i for i, s in enumerate(state.history["eval_step"]) if s <= state.step]
         for key in ("eval_step", "eval_reward", "eval_loss"):
             state.history[key] = [state.history[key][i] for i in evals if i < len(state.history[key])]
+        if state.best_step is not None and state.best_step > state.step:
+            _best_from_history(state)
     return weights, state
+
+
+def _best_from_history(state: TrainingState) -> None:
+    """Recompute the best held-out evaluation from the (truncated) history."""
+    history = state.history
+    state.best_eval = state.best_step = state.best_eval_reward = None
+    state.evals_without_improvement = 0
+    for step, reward, loss in zip(history["eval_step"], history["eval_reward"], history["eval_loss"]):
+        if loss is None or not math.isfinite(loss):
+            continue
+        if state.best_eval is None or loss < state.best_eval:
+            state.best_eval, state.best_step, state.best_eval_reward = loss, step, reward
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1

@@ -103,6 +103,14 @@ class LoraLayers(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def named_factors(self) -> list[tuple[str, nn.Parameter]]:
+        """("<diffusers module path>.down" / ".up", parameter) for every factor: stable names for
+        per-parameter state (the optimizer file), independent of the parameter order."""
+        named = []
+        for index, path in enumerate(self.paths):
+            named += [(f"{path}.down", self.down[index]), (f"{path}.up", self.up[index])]
+        return named
+
     def all_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters())
 

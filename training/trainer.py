@@ -4,11 +4,15 @@ score higher under a differentiable reward.
 One optimizer step = `grad_accumulation` rollouts of `batch_size` prompts each: sample from noise
 with the pack's sampler (gradients only on the chosen steps), decode the first latents, score
 evenly spaced frames, loss = -reward (or |reward - max_reward|), backprop into the LoRA only,
-clip, AdamW. Checkpoints in the official LoRA format every `save_every` steps and at the end.
+clip, AdamW. Checkpoints in the official LoRA format every `save_every` steps and at the end,
+each with its optimizer state beside it (`<name>.optimizer.safetensors`), so a resumed run continues
+exactly where the saved one was; with held-out prompts, `<name>.best.safetensors` keeps the LoRA of
+the best held-out evaluation so far.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -22,7 +26,18 @@ import torch
 
 from ..easyanimate.model import EasyAnimateModel
 from ..easyanimate.sampling import is_flow_matching, sync_loras
-from .checkpoint import TrainingState, load_checkpoint, new_history, save_checkpoint
+from .checkpoint import (
+    TrainingState,
+    best_path,
+    load_checkpoint,
+    new_history,
+    optimizer_path,
+    optimizer_tensors,
+    read_optimizer_state,
+    read_sidecar,
+    restore_optimizer_state,
+    save_checkpoint,
+)
 from .config import TrainConfig, resolve_strategy, select_grad_steps
 from .lora_layers import LoraLayers
 from .rollout import (
@@ -66,6 +81,11 @@ class TrainResult:
     state: TrainingState
     saved_path: Path | None
     stop_reason: str
+    # The LoRA of the best held-out evaluation (`<name>.best.safetensors`); None without held-out
+    # evaluation or without an output path. best_step / best_eval_reward say which evaluation it was.
+    best_path: Path | None = None
+    best_step: int | None = None
+    best_eval_reward: float | None = None
 
 
 class RewardLoRATrainer:
@@ -103,6 +123,7 @@ class RewardLoRATrainer:
         self.lora: LoraLayers | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.saved_path: Path | None = None
+        self.best_path: Path | None = None
         self._orders: dict[int, list[int]] = {}
 
     # -- setup ---------------------------------------------------------------------------------
@@ -124,6 +145,49 @@ class RewardLoRATrainer:
             self.lora = LoraLayers(transformer, cfg.rank, cfg.alpha, cfg.target_modules, seed=cfg.seed, device=device)
         self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=cfg.learning_rate,
                                            weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        if self.resume_from is not None:
+            self._restore_optimizer(weights)
+            self._find_best_file()
+
+    def _restore_optimizer(self, weights) -> None:
+        """AdamW moments and float32 master weights from the optimizer file beside the resumed
+        LoRA; when it is missing or does not fit, warn and start with fresh moments."""
+        source = optimizer_path(self.resume_from)
+        fresh = "AdamW's moment estimates restart, so the run will not match an uninterrupted one"
+        try:
+            loaded = read_optimizer_state(self.resume_from)
+        except ValueError as e:
+            log.warning("%s; %s", e, fresh)
+            return
+        if loaded is None:
+            log.warning("resuming %s without optimizer state (no %s): %s", self.resume_from, source.name, fresh)
+            return
+        tensors, step = loaded
+        if step != self.state.step:
+            log.warning("ignoring %s: it was saved at step %d, the LoRA at step %d; %s",
+                        source, step, self.state.step, fresh)
+            return
+        problem = restore_optimizer_state(self.lora.named_factors(), self.optimizer, tensors, weights)
+        if problem is not None:
+            log.warning("ignoring %s: %s; %s", source, problem, fresh)
+            return
+        log.info("restored AdamW state and float32 weights from %s", source)
+
+    def _find_best_file(self) -> None:
+        """The best-held-out file of the run resumed from, if it is the one its state names."""
+        if self.state.best_step is None:
+            return
+        candidates = [best_path(self.resume_from)]
+        if self.output_path is not None:
+            candidates.append(best_path(self.output_path))
+        for candidate in candidates:
+            try:
+                sidecar = read_sidecar(candidate) if candidate.is_file() else None
+            except ValueError:  # a damaged sidecar: that file is not trusted as the best one
+                sidecar = None
+            if sidecar is not None and sidecar.get("best_step") == self.state.best_step:
+                self.best_path = candidate
+                return
 
     def _freeze_frozen_parts(self) -> None:
         pipe = self.pipe
@@ -213,14 +277,18 @@ class RewardLoRATrainer:
         return scores.mean().item(), reward_loss(scores, cfg.max_reward, cfg.loss_scale).item()
 
     def _record_eval(self, pipe, bank: PromptBank) -> tuple[float, bool]:
-        """Evaluate, record, and say whether early stopping triggers."""
+        """Evaluate, record (a new best is saved as `<name>.best.safetensors`), and say whether
+        early stopping triggers. Best = lowest held-out loss, i.e. highest held-out reward (closest
+        to max_reward when that is set), the same criterion as early stopping."""
         reward, loss = self.evaluate(pipe, bank)
         history, state = self.state.history, self.state
         history["eval_step"].append(state.step)
         history["eval_reward"].append(reward)
         history["eval_loss"].append(loss)
-        if state.best_eval is None or loss < state.best_eval:
+        if math.isfinite(loss) and (state.best_eval is None or loss < state.best_eval):
             state.best_eval, state.evals_without_improvement = loss, 0
+            state.best_step, state.best_eval_reward = state.step, reward
+            self._save_best()
         else:
             state.evals_without_improvement += 1
         log.info("held-out at step %d: reward %.5g (loss %.5g, %d evaluations without improvement)",
@@ -230,14 +298,36 @@ class RewardLoRATrainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    def _extra(self) -> dict:
+        return dict(self.extra_info, backprop_strategy=self.strategy, base_model=self.pipe.folder,
+                    base_version=self.pipe.version, base_loras=[a.name for a in self.model.loras],
+                    best_file=self.best_path.name if self.best_path is not None else None)
+
     def save(self, stop_reason: str = "") -> Path | None:
+        """The LoRA, its sidecar and the optimizer state (for an exact resume) to `output_path`."""
         if self.output_path is None:
             return None
         self.state.stop_reason = stop_reason
-        extra = dict(self.extra_info, backprop_strategy=self.strategy, base_model=self.pipe.folder,
-                     base_version=self.pipe.version, base_loras=[a.name for a in self.model.loras])
-        self.saved_path = save_checkpoint(self.output_path, self.lora.to_weights(), self.state, extra, self.save_dtype)
+        moments = optimizer_tensors(self.lora.named_factors(), self.optimizer) if self.optimizer is not None else None
+        self.saved_path = save_checkpoint(self.output_path, self.lora.to_weights(), self.state, self._extra(),
+                                          self.save_dtype, optimizer_state=moments)
         return self.saved_path
+
+    def _save_best(self) -> None:
+        """The current LoRA as the best held-out one (no optimizer state: it is for use, not resume)."""
+        if self.output_path is None:
+            return
+        target = best_path(self.output_path)
+        state = dataclasses.replace(self.state, stop_reason=f"best held-out evaluation so far (step {self.state.step})")
+        extra = dict(self._extra(), best_file=target.name, best_of=self.output_path.name,
+                     best_eval_loss=self.state.best_eval)
+        self.best_path = save_checkpoint(target, self.lora.to_weights(), state, extra, self.save_dtype)
+        log.info("new best held-out reward %.5g at step %d: saved %s", self.state.best_eval_reward,
+                 self.state.step, target)
+
+    def _result(self, stop_reason: str) -> TrainResult:
+        return TrainResult(self.lora.to_weights(), self.state, self.saved_path, stop_reason, self.best_path,
+                           self.state.best_step, self.state.best_eval_reward)
 
     def _save_last_good(self, reason: str) -> Path | None:
         """On a stop: save the current LoRA if it is finite, else keep the last file as it is."""
@@ -271,7 +361,7 @@ class RewardLoRATrainer:
         if self.state.step >= cfg.train_steps:
             log.info("nothing to train: already at step %d of %d", self.state.step, cfg.train_steps)
             self.save("already done")
-            return TrainResult(self.lora.to_weights(), self.state, self.saved_path, "already done")
+            return self._result("already done")
         bank = PromptBank(self.pipe, self.prompts + self.eval_prompts, cfg.negative_prompt)
         restore_checkpointing = enable_gradient_checkpointing(self.pipe) if cfg.gradient_checkpointing else (lambda: None)
         self.lora.attach(self.pipe.transformer)
@@ -307,8 +397,10 @@ class RewardLoRATrainer:
                         self.progress(step, cfg.train_steps)
                     if early_stop:
                         stop_reason = "early stop"
-                        log.info("early stop at step %d: held-out reward did not improve in %d evaluations",
-                                 step, cfg.early_stop_patience)
+                        log.info("early stop at step %d: held-out reward did not improve in %d evaluations; "
+                                 "the best was at step %s (held-out reward %s), kept in %s", step,
+                                 cfg.early_stop_patience, self.state.best_step, self.state.best_eval_reward,
+                                 self.best_path)
                         break
         except _NonFinite as e:
             saved = self._save_last_good(f"stopped: {e}")
@@ -324,7 +416,7 @@ class RewardLoRATrainer:
             self.lora.detach()
             restore_checkpointing()
         self.save(stop_reason)
-        return TrainResult(self.lora.to_weights(), self.state, self.saved_path, stop_reason)
+        return self._result(stop_reason)
 
 
 def history_plot(history: dict, width: int = 640, height: int = 300) -> torch.Tensor:
