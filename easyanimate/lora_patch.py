@@ -335,10 +335,6 @@ class LoraPatcher:
         backup = self._backups.get(path)
         if backup is None:  # first touch since the weight was last unpatched
             backup = weight.data.detach().to("cpu", copy=True)
-            if weight.is_cuda:
-                # Strength changes stream the backup back to the GPU: page-locked memory makes that
-                # copy run at full bus speed.
-                backup = backup.pin_memory()
             self._backups[path] = backup
         return backup
 
