@@ -409,6 +409,10 @@ def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> LoraWeigh
         e.name: LoraModule(e.down, e.up, float(e.alpha if e.alpha is not None else e.down.shape[0]))
         for e in raw_te.values()
     }
+    if text_encoder_modules:
+        # Kept in LoraWeights (saved again on export) but the sampler patches only the transformer.
+        log.warning("%s: %d text-encoder modules (lora_te_) are not applied; only the transformer part is",
+                    path, len(text_encoder_modules))
     return LoraWeights(modules, text_encoder_modules, source=str(path), format=fmt or "kohya", metadata=metadata)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..fileio import atomic_folder
 from .keymap import is_original_state_dict, original_to_diffusers
-from .lora_patch import Term, Workspace, merged_weight_
+from .lora_patch import Term, Workspace, merged_weight_, stack_terms
 
 Progress = Callable[[int, int], None]
 
@@ -32,19 +32,6 @@ _ST_DTYPES = {
     torch.bool: "BOOL",
 }
 PROVENANCE_FILE = "merged_loras.json"
-
-
-def stack_terms(loras: Iterable) -> dict[str, list[Term]]:
-    """{diffusers module path: [(LoraModule, strength * alpha / rank), ...]} of a LoRA stack
-    (AppliedLora-like objects with .weights and .strength); zero strengths are left out."""
-    terms: dict[str, list[Term]] = {}
-    for applied in loras:
-        strength = float(applied.strength)
-        if strength == 0.0:
-            continue
-        for path, lora in applied.weights.modules.items():
-            terms.setdefault(path, []).append((lora, strength * lora.scale))
-    return terms
 
 
 def merge_into_base(transformer: nn.Module, loras: Iterable, patcher=None, progress: Progress | None = None) -> int:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .lora_format import LoraModule
+from .memory import copy_saturating_
 
 MODES = ("fused", "unfused")
 # Used when neither the sync call nor the LoRA (LoraWeights.mode) names a mode.
@@ -43,20 +44,32 @@ _DEVICE_CHUNK_ELEMENTS = 1 << 28
 Progress = Callable[[int, int], None]
 
 
-def _is_float8(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
 def _cast_into(dst: torch.Tensor, src32: torch.Tensor) -> None:
     """dst.copy_(src32), saturating to the fp8 range (a plain cast turns overflow into NaN)."""
-    if _is_float8(dst.dtype):
-        limit = torch.finfo(dst.dtype).max
-        src32 = src32.clamp(-limit, limit)
-    dst.copy_(src32)
+    copy_saturating_(dst, src32)
+
+
+def _autograd_usable(t: torch.Tensor) -> torch.Tensor:
+    # Tensors made under ComfyUI's inference mode cannot be saved for backward; a trainer may run
+    # on top of these adapters, so keep normal tensors only.
+    return t.clone() if t.is_inference() else t
 
 
 # One term of a module's update: (LoRA, coefficient = strength * alpha / rank).
 Term = tuple[LoraModule, float]
+
+
+def stack_terms(loras: Iterable) -> dict[str, list[Term]]:
+    """{diffusers module path: [(LoraModule, strength * alpha / rank), ...]} of a LoRA stack
+    (AppliedLora-like objects with .weights and .strength); zero strengths are left out."""
+    terms: dict[str, list[Term]] = {}
+    for applied in loras:
+        strength = float(applied.strength)
+        if strength == 0.0:
+            continue
+        for path, lora in applied.weights.modules.items():
+            terms.setdefault(path, []).append((lora, strength * lora.scale))
+    return terms
 
 
 def _terms_signature(terms: Sequence[Term]) -> tuple:
@@ -133,13 +146,14 @@ class _LoraAdapterHook:
     copying its tensors (the file's own bf16 tensors when the activations are bf16 on CPU)."""
 
     def __init__(self, terms: Sequence[Term], keep_on_device: bool):
-        if len(terms) == 1:
-            self.down, self.up = terms[0][0].down, terms[0][0].up
-        else:
-            dtype = torch.promote_types(terms[0][0].down.dtype, terms[0][0].up.dtype)
-            self.down = torch.cat([lora.down.to(dtype) for lora, _ in terms], dim=0)  # (R, in)
-            self.up = torch.cat([lora.up.to(dtype) for lora, _ in terms], dim=1)  # (out, R)
-        self.coefs = torch.cat([torch.full((lora.rank,), coef, dtype=torch.float32) for lora, coef in terms])
+        with torch.inference_mode(False):
+            if len(terms) == 1:
+                self.down, self.up = (_autograd_usable(t) for t in (terms[0][0].down, terms[0][0].up))
+            else:
+                dtype = torch.promote_types(terms[0][0].down.dtype, terms[0][0].up.dtype)
+                self.down = torch.cat([lora.down.to(dtype) for lora, _ in terms], dim=0)  # (R, in)
+                self.up = torch.cat([lora.up.to(dtype) for lora, _ in terms], dim=1)  # (out, R)
+            self.coefs = torch.cat([torch.full((lora.rank,), coef, dtype=torch.float32) for lora, coef in terms])
         self.keep_on_device = keep_on_device
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -148,10 +162,17 @@ class _LoraAdapterHook:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        factors = tuple(t.to(device, dtype, non_blocking=True) for t in (self.down, self.up, self.coefs))
+        with torch.inference_mode(False):
+            factors = tuple(_autograd_usable(t.to(device, dtype, non_blocking=True))
+                            for t in (self.down, self.up, self.coefs))
         if self.keep_on_device or device.type == "cpu":
             self._cache[key] = factors
         return factors
+
+    def drop_device_copies(self) -> None:
+        """Forget the copies made on an accelerator (they are rebuilt on the next forward)."""
+        self.keep_on_device = False
+        self._cache = {key: value for key, value in self._cache.items() if key[0].type == "cpu"}
 
     def __call__(self, module: nn.Module, args, output):
         x = args[0] if args else None
@@ -174,7 +195,7 @@ class LoraPatcher:
         # path -> CPU copy of the untouched weight (original dtype), kept while the weight is patched
         self._backups: dict[str, torch.Tensor] = {}
         self._fused: dict[str, _Fused] = {}
-        self._adapters: dict[str, tuple[tuple, torch.utils.hooks.RemovableHandle]] = {}
+        self._adapters: dict[str, tuple[tuple, torch.utils.hooks.RemovableHandle, _LoraAdapterHook]] = {}
         self._transformer_ref: weakref.ref | None = None
         # The last synced request, holding references (compared with `is`) so ids cannot be reused.
         self._last_request: tuple | None = None
@@ -228,10 +249,12 @@ class LoraPatcher:
         """Back to the base weights: bitwise for fused weights, hooks removed."""
         self.sync(transformer, ())
 
-    def base_weight(self, transformer: nn.Module, path: str) -> torch.Tensor:
-        """The unpatched weight of a Linear (the backup if it is patched, else the live weight)."""
-        backup = self._backups.get(path) if path in self._fused else None
-        return backup if backup is not None else transformer.get_submodule(path).weight.data
+    def drop_device_copies(self) -> None:
+        """Free the accelerator copies of unfused adapters (when the transformer leaves the GPU for
+        good); from then on the adapters move to the device per forward, like the weights."""
+        self.keep_adapters_on_device = False
+        for _signature, _handle, hook in self._adapters.values():
+            hook.drop_device_copies()
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -254,20 +277,13 @@ class LoraPatcher:
 
     @staticmethod
     def _targets(loras: Sequence, mode: str | None) -> tuple[dict[str, list[Term]], dict[str, list[Term]]]:
-        fused: dict[str, list[Term]] = {}
-        unfused: dict[str, list[Term]] = {}
+        by_mode: dict[str, list] = {"fused": [], "unfused": []}
         for applied in loras:
-            strength = float(applied.strength)
-            if strength == 0.0:
-                continue
-            weights = applied.weights
-            chosen = mode or getattr(weights, "mode", None) or DEFAULT_MODE
+            chosen = mode or getattr(applied.weights, "mode", None) or DEFAULT_MODE
             if chosen not in MODES:
                 raise ValueError(f"LoRA {applied.name!r}: unknown patch mode {chosen!r}")
-            target = fused if chosen == "fused" else unfused
-            for path, lora in weights.modules.items():
-                target.setdefault(path, []).append((lora, strength * lora.scale))
-        return fused, unfused
+            by_mode[chosen].append(applied)
+        return stack_terms(by_mode["fused"]), stack_terms(by_mode["unfused"])
 
     @staticmethod
     def _linears(transformer: nn.Module, paths: set[str]) -> dict[str, nn.Module]:
@@ -309,7 +325,7 @@ class LoraPatcher:
             if current is not None:
                 current[1].remove()
             hook = _LoraAdapterHook(terms, self.keep_adapters_on_device)
-            self._adapters[path] = (signature, linears[path].register_forward_hook(hook))
+            self._adapters[path] = (signature, linears[path].register_forward_hook(hook), hook)
             self.work_done += 1
             step()
 
@@ -364,7 +380,9 @@ def get_patcher(pipe) -> LoraPatcher:
     patcher = getattr(pipe, "lora_patcher", None)
     if patcher is None:
         placement = getattr(pipe, "placement", None)
-        sequential = getattr(placement, "mode", None) == "sequential_cpu_offload"
-        patcher = LoraPatcher(keep_adapters_on_device=not sequential)
+        # Adapter copies stay on the GPU only while the transformer does (mode "none"); under the
+        # offload modes they would hold VRAM while the VAE, rewards and other models run.
+        resident = getattr(placement, "mode", None) == "none"
+        patcher = LoraPatcher(keep_adapters_on_device=resident)
         pipe.lora_patcher = patcher
     return patcher

@@ -29,20 +29,29 @@ def _float8_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+def is_float8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def copy_saturating_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src), clamping to dst's range when dst is fp8 (a plain cast turns overflow into NaN)."""
+    if is_float8(dst.dtype):
+        limit = torch.finfo(dst.dtype).max
+        src = src.float().clamp(-limit, limit)
+    return dst.copy_(src)
+
+
 def quantize_linears_to_float8(module: nn.Module) -> int:
     """Store every nn.Linear weight of `module` in float8_e4m3fn, upcast per forward. Returns count."""
     count = 0
     for sub in module.modules():
         if isinstance(sub, nn.Linear) and sub.weight.dtype != FLOAT8:
-            sub.weight.data = sub.weight.data.to(FLOAT8)
+            stored = torch.empty_like(sub.weight.data, dtype=FLOAT8)
+            sub.weight.data = copy_saturating_(stored, sub.weight.data)
             sub.weight.requires_grad_(False)
             sub.forward = types.MethodType(_float8_linear_forward, sub)
             count += 1
     return count
-
-
-def is_float8(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class _SequentialOffloadHooks:
@@ -59,12 +68,23 @@ class _SequentialOffloadHooks:
 
 
 def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
-    for p in module.parameters(recurse=False):
-        if p.device != device:
-            p.data = p.data.to(device, non_blocking=True)
-    for name, b in module.named_buffers(recurse=False):
-        if b is not None and b.device != device:
-            module._buffers[name] = b.to(device, non_blocking=True)
+    # Asynchronous only towards the GPU: a copy back to the CPU must be complete before anything
+    # (a LoRA patch, the next forward) reads the CPU tensor.
+    non_blocking = device.type != "cpu"
+    with torch.inference_mode(False):  # see _move
+        for p in module.parameters(recurse=False):
+            if p.device != device:
+                p.data = p.data.to(device, non_blocking=non_blocking)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.device != device:
+                module._buffers[name] = b.to(device, non_blocking=non_blocking)
+
+
+def _move(module: nn.Module, device: torch.device) -> None:
+    # ComfyUI runs nodes under torch.inference_mode(); a move there would turn every weight into an
+    # inference tensor, which autograd refuses to use, and reward training needs to.
+    with torch.inference_mode(False):
+        module.to(device)
 
 
 class ModulePlacement:
@@ -91,12 +111,12 @@ class ModulePlacement:
             if module is None:
                 continue
             if self.mode == "none":
-                module.to(self.device)
+                _move(module, self.device)
             elif self.mode == "sequential_cpu_offload":
-                module.to(self.offload_device)
+                _move(module, self.offload_device)
                 self._install_sequential_hooks(module)
             else:
-                module.to(self.offload_device)
+                _move(module, self.offload_device)
 
     def _install_sequential_hooks(self, module: nn.Module) -> None:
         hooks = _SequentialOffloadHooks(self.device, self.offload_device)
@@ -115,7 +135,7 @@ class ModulePlacement:
             self.mode = "model_cpu_offload"
             for module in modules:
                 if module is not None:
-                    module.to(self.offload_device)
+                    _move(module, self.offload_device)
 
     @contextlib.contextmanager
     def use(self, module: nn.Module | None) -> Iterator[None]:
@@ -128,7 +148,7 @@ class ModulePlacement:
         key = id(module)
         depth = self._depth.get(key, 0)
         if depth == 0:
-            module.to(self.device)
+            _move(module, self.device)
         self._depth[key] = depth + 1
         try:
             yield
@@ -136,6 +156,6 @@ class ModulePlacement:
             self._depth[key] -= 1
             if self._depth[key] == 0:
                 del self._depth[key]
-                module.to(self.offload_device)
+                _move(module, self.offload_device)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -78,9 +78,15 @@ def latent_shape(batch: int, width: int, height: int, frames: int) -> tuple[int,
     return (batch, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
 
 
+def seeded_generator(seed: int, offset: int = 0) -> torch.Generator:
+    """A CPU generator for `seed` (+ offset for the other random draws of the same video); wraps
+    around at 2**64 like ComfyUI's seed widget, so its largest seeds work too."""
+    return torch.Generator("cpu").manual_seed((int(seed) + offset) % 2**64)
+
+
 def initial_noise(shape, seeds: list[int], device, dtype) -> torch.Tensor:
     """One CPU generator per video: a seed gives the same video on any device and in any batch."""
-    noise = [torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    noise = [torch.randn(shape[1:], generator=seeded_generator(s)) for s in seeds]
     return torch.stack(noise).to(device, dtype)
 
 
@@ -115,7 +121,7 @@ def inpaint_condition(pipe: EasyAnimatePipe, shape, frames: int, start_images: t
     keep[:, :, 0] = 1.0
     vae = pipe.vae
     if getattr(pipe.transformer.config, "add_noise_in_inpaint_model", False):
-        noise = torch.stack([torch.randn(video.shape[1:], generator=torch.Generator("cpu").manual_seed(int(s) + 1))
+        noise = torch.stack([torch.randn(video.shape[1:], generator=seeded_generator(s, 1))
                              for s in seeds]).to(device)
         video = torch.where(video == -1, video, video + INPAINT_NOISE_RATIO * noise)
     with pipe.placement.use(vae):
@@ -212,37 +218,58 @@ def sync_loras(model: EasyAnimateModel) -> None:
     get_patcher(model.pipe).sync(model.pipe.transformer, model.loras)
 
 
+def encode_request_prompts(pipe: EasyAnimatePipe, prompt: str, negative_prompt: str, guidance_scale: float
+                           ) -> tuple[TextConditioning, TextConditioning | None]:
+    """Prompt and (with CFG) negative prompt in one pass: the text encoders move in once."""
+    use_cfg = guidance_scale > 1
+    encoded = encode_prompts(pipe, [prompt, negative_prompt] if use_cfg else [prompt]).to(pipe.compute_device,
+                                                                                         pipe.dtype)
+    if not use_cfg:
+        return encoded, None
+    t5 = encoded.embeds_t5
+    cond = TextConditioning(encoded.embeds[:1], None if t5 is None else t5[:1])
+    uncond = TextConditioning(encoded.embeds[1:], None if t5 is None else t5[1:])
+    return cond, uncond
+
+
 @torch.no_grad()
-def sample_video(model: EasyAnimateModel, request: SampleRequest,
-                 step_callback: StepCallback | None = None) -> torch.Tensor:
-    """Text/image-to-video. Returns frames (videos * F, H, W, 3) in [0, 1], videos one after another."""
+def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback: StepCallback | None = None,
+                 text: tuple[TextConditioning, TextConditioning | None] | None = None) -> torch.Tensor:
+    """Text/image-to-video. Returns frames (videos * F, H, W, 3) in [0, 1], videos one after another.
+
+    `text`: (cond, uncond) from `encode_request_prompts`, when the caller samples the same prompts
+    several times (a strength sweep) and encodes them once. Each big module moves in once per call:
+    the VAE to encode start images, then the transformer for every video, then the VAE to decode.
+    """
     pipe = model.pipe
     check_video_size(request.width, request.height, request.frames)
     if request.steps < 1:
         raise ValueError("steps must be at least 1")
     device = pipe.compute_device
     seeds = [request.seed + i for i in range(request.videos)]
-    cond = encode_prompts(pipe, [request.prompt]).to(device, pipe.dtype)
-    uncond = encode_prompts(pipe, [request.negative_prompt]).to(device, pipe.dtype) if request.guidance_scale > 1 else None
+    cond, uncond = text or encode_request_prompts(pipe, request.prompt, request.negative_prompt,
+                                                  request.guidance_scale)
     shape = latent_shape(1, request.width, request.height, request.frames)
     start = request.start_image
     if start is not None and start.ndim == 3:
         start = start[None]
+    with pipe.placement.use(pipe.vae if start is not None else None):
+        inpaints = [inpaint_condition(pipe, shape, request.frames, start, [seed]) for seed in seeds]
     sync_loras(model)
-    outputs = []
-    for v, seed in enumerate(seeds):
-        scheduler = make_scheduler(pipe, request.scheduler)
-        timesteps = set_timesteps(scheduler, request.steps, device)
-        latents = initial_noise(shape, [seed], device, pipe.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
-        inpaint = inpaint_condition(pipe, shape, request.frames, start, [seed])
-        callback = None
-        if step_callback is not None:
-            done = v * request.steps
-            callback = lambda i, n, x: step_callback(done + i, request.steps * len(seeds), x)  # noqa: E731
-        with pipe.placement.use(pipe.transformer):
-            latents = denoise(pipe.transformer, scheduler, timesteps, latents, cond, inpaint,
-                              request.guidance_scale, uncond, step_callback=callback,
-                              generator=torch.Generator("cpu").manual_seed(seed + 2))
-        video = decode_latents(pipe, latents)
-        outputs.append(video[0].permute(1, 2, 3, 0).float().cpu())  # (F, H, W, 3)
-    return torch.cat(outputs)
+    total = request.steps * len(seeds)
+    latents_per_video = []
+    with pipe.placement.use(pipe.transformer):
+        for v, (seed, inpaint) in enumerate(zip(seeds, inpaints)):
+            scheduler = make_scheduler(pipe, request.scheduler)
+            timesteps = set_timesteps(scheduler, request.steps, device)
+            latents = initial_noise(shape, [seed], device, pipe.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
+            callback = None
+            if step_callback is not None:
+                done = v * request.steps
+                callback = lambda i, n, x, done=done: step_callback(done + i, total, x)  # noqa: E731
+            latents_per_video.append(denoise(pipe.transformer, scheduler, timesteps, latents, cond, inpaint,
+                                             request.guidance_scale, uncond, step_callback=callback,
+                                             generator=seeded_generator(seed, 2)))
+    with pipe.placement.use(pipe.vae):
+        videos = [decode_latents(pipe, latents)[0] for latents in latents_per_video]
+    return torch.cat([video.permute(1, 2, 3, 0).float().cpu() for video in videos])  # (F, H, W, 3) each

@@ -102,6 +102,8 @@ class PipeCache:
         self._pipe_ref, self._key = None, None
         if old is not None:
             old.placement.demote([old.transformer, old.vae, old.text_encoder, old.text_encoder_2])
+            if old.lora_patcher is not None:
+                old.lora_patcher.drop_device_copies()
         del old
         gc.collect()
         mm.soft_empty_cache()

@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..easyanimate.lora_format import LoraWeights, load_lora_file
@@ -42,7 +43,9 @@ def cached_lora(path: str, transformer) -> LoraWeights:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    weights = load_lora_file(path, transformer)
+    # Outside ComfyUI's inference mode: a trainer may later backpropagate through these adapters.
+    with torch.inference_mode(False):
+        weights = load_lora_file(path, transformer)
     with _cache_lock:
         _cache[key] = weights
         while len(_cache) > _CACHE_SIZE:

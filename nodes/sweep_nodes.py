@@ -7,10 +7,11 @@ import torch
 from comfy_api.latest import io
 
 from ..easyanimate.lora_patch import DEFAULT_MODE, MODES
-from ..easyanimate.sampling import SCHEDULER_CHOICES, SampleRequest, check_video_size, sample_video
+from ..easyanimate.sampling import (
+    SCHEDULER_CHOICES, SampleRequest, check_video_size, encode_request_prompts, sample_video)
 from ..reward.plot import plot_series
 from ..reward.scoring import score_images
-from .common import check_interrupt, lora_file_names, progress_callback
+from .common import LORA_FOLDER, check_interrupt, lora_file_names, progress_callback
 from .lora_nodes import cached_lora
 from .types import EasyAnimateModelType, RewardModelType
 
@@ -77,16 +78,18 @@ class EasyAnimateStrengthSweep(io.ComfyNode):
                 cfg, seed, scheduler, mode, batch_size) -> io.NodeOutput:
         check_video_size(width, height, frames)
         values = parse_strengths(strengths)
-        weights = cached_lora(folder_paths.get_full_path_or_raise("loras", lora_name), model.pipe.transformer)
+        weights = cached_lora(folder_paths.get_full_path_or_raise(LORA_FOLDER, lora_name), model.pipe.transformer)
         request = SampleRequest(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                 frames=frames, steps=steps, guidance_scale=cfg, seed=seed, videos=1,
                                 scheduler=scheduler)
         on_step = progress_callback(steps * len(values), cls.hidden.unique_id if cls.hidden else None)
+        text = encode_request_prompts(model.pipe, prompt, negative_prompt, cfg)  # once for every strength
         videos, means = [], []
         for number, strength in enumerate(values):
             variant = model if strength == 0 else model.with_lora(weights.with_mode(mode), strength, lora_name)
             offset = number * steps
-            video = sample_video(variant, request, lambda i, n, x=None, o=offset: on_step(o + i, steps * len(values)))
+            video = sample_video(variant, request, lambda i, n, x=None, o=offset: on_step(o + i, steps * len(values)),
+                                 text=text)
             check_interrupt()
             means.append(float(score_images(reward, video, prompt, batch_size).mean()))
             videos.append(video)

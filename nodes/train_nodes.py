@@ -7,7 +7,6 @@ import os
 import re
 
 import comfy.model_management as mm
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -15,7 +14,7 @@ from ..easyanimate.lora_format import load_lora_file
 from ..training.config import BACKPROP_STRATEGIES, TrainConfig
 from ..training.prompts import load_prompts
 from ..training.trainer import RewardLoRATrainer as CoreTrainer, StepReport, history_plot
-from .common import LORA_FOLDER, lora_file_names, output_subpath
+from .common import LORA_FOLDER, lora_file_names, output_subpath, progress_callback
 from .types import EasyAnimateModelType, RewardModelType
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class RewardLoRATrainerNode(io.ComfyNode):
                 RewardModelType.Input("reward", tooltip="The reward to maximise (frozen; only the LoRA learns)."),
                 io.String.Input("prompts", multiline=True, default="A cat playing the piano in a sunny room.",
                                 tooltip="Training prompts, one per line; or the name of a .txt (a prompt a line) or "
-                                        ".jsonl (key \"prompt\") file in ComfyUI's input folder, or an absolute path."),
+                                        ".jsonl (key \"prompt\") file in ComfyUI's input folder."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Negative prompt of the guided rollout (the official trainer uses none)."),
                 io.Int.Input("width", default=256, min=16, max=2048, step=16, tooltip="Training resolution, multiple of 16."),
@@ -183,11 +182,7 @@ class RewardLoRATrainerNode(io.ComfyNode):
             resume = folder_paths.get_full_path_or_raise(LORA_FOLDER, resume_from)
 
         node_id = cls.hidden.unique_id if cls.hidden else None
-        bar = comfy.utils.ProgressBar(train_steps, node_id=node_id)
-
-        def progress(done: int, total: int) -> None:
-            mm.throw_exception_if_processing_interrupted()
-            bar.update_absolute(done, total)
+        progress = progress_callback(train_steps, node_id)
 
         def on_step(report: StepReport) -> None:
             text = (f"step {report.step}/{report.total}  reward {report.reward:.5g}  loss {report.loss:.5g}  "

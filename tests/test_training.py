@@ -4,6 +4,7 @@ the optimizer state, the best held-out checkpoint, prompts, CLI."""
 
 import contextlib
 import json
+import math
 import random
 
 import diffusers
@@ -500,3 +501,25 @@ def test_best_held_out_checkpoint(pipes, tmp_path):
                                 eval_prompts=["a dog running on the beach at sunset"], resume_from=out).train()
     assert resumed.stop_reason == "already done" and resumed.best_path == result.best_path
     assert resumed.best_step == best_index
+
+
+def test_training_on_top_of_an_unfused_lora_applied_inside_inference_mode(tiny_models, tmp_path):
+    """ComfyUI runs every node under torch.inference_mode(): the LoRA file is read there and the
+    sampler builds the adapters there. Training on top of that model must still backpropagate."""
+    from easyanimate_reward.easyanimate.lora_format import save_lora_file
+    from easyanimate_reward.easyanimate.sampling import SampleRequest, sample_video
+
+    pipe = load_pipe(tiny_models["v5"], "fp32", "none")
+    extra = LoraLayers(pipe.transformer, 4, 4.0, seed=1)
+    with torch.no_grad():
+        for factor in extra.up:
+            factor.normal_(0, 0.05)
+    path = save_lora_file(tmp_path / "applied.safetensors", extra.to_weights(), dtype=torch.float32)
+    with torch.inference_mode():
+        weights = load_lora_file(path, pipe.transformer)
+        model = EasyAnimateModel(pipe).with_lora(weights.with_mode("unfused"), 1.0, "applied")
+        sample_video(model, SampleRequest("a cat", width=32, height=32, frames=5, steps=2))
+        config = TrainConfig(width=32, height=32, frames=5, sampling_steps=2, guidance_scale=1.0, rank=4,
+                             alpha=4.0, train_steps=1, save_every=0, backprop="last", gradient_checkpointing=False)
+        result = RewardLoRATrainer(model, SaturationReward(), ["a cat"], config).train()
+    assert result.state.step == 1 and math.isfinite(result.state.history["reward"][0])

@@ -23,6 +23,7 @@ from ..easyanimate.sampling import (
     inpaint_condition,
     latent_shape,
     make_scheduler,
+    seeded_generator,
     set_timesteps,
 )
 from ..easyanimate.text import TextConditioning, encode_prompts
@@ -172,7 +173,7 @@ def rollout_video(pipe: EasyAnimatePipe, settings: RolloutSettings, cond: TextCo
     guidance = settings.guidance_scale if uncond is not None else 1.0
     latents = denoise(pipe.transformer, scheduler, timesteps, latents, cond, inpaint, guidance, uncond,
                       grad_steps=frozenset(chosen), detach_input=detach_input, step_callback=step_callback,
-                      generator=torch.Generator("cpu").manual_seed(int(seeds[0]) + 2))
+                      generator=seeded_generator(seeds[0], 2))
     return decode_latents(pipe, latents, settings.num_decoded_latents)
 
 
