@@ -106,3 +106,31 @@ def atomic_folder(dest: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def confined_path(root: str | os.PathLike, name: str, what: str = "name", plain_name: bool = False) -> Path:
+    """`name` (typed by a user or taken from a workflow) resolved inside `root`, or ValueError.
+
+    No absolute paths, home shortcuts, control characters or '..' parts: the name itself cannot
+    lead out of `root`. Symlinks inside `root` are followed as they are: they are the user's own
+    set-up (a models folder linked from another disk), not something a workflow can create.
+    plain_name: a single entry directly in `root` (no separators, no drive letters)."""
+    text = (name or "").strip()
+    kind = "plain name" if plain_name else "relative path"
+    problem = None
+    if not text or text in (".", ".."):
+        problem = "it is empty"
+    elif os.path.isabs(text) or text.startswith(("/", "\\", "~")) or any(ord(c) < 32 for c in text):
+        problem = "it is absolute or has odd characters"
+    elif ".." in Path(text.replace("\\", "/")).parts:
+        problem = "it has '..'"
+    elif plain_name and ("/" in text or "\\" in text or ":" in text):
+        problem = "it has path separators or a drive letter"
+    root_abs = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(root_abs, text)) if problem is None else ""
+    if problem is None and (os.path.commonpath([root_abs, path]) != root_abs or path == root_abs
+                            or (plain_name and os.path.dirname(path) != root_abs)):
+        problem = "it leaves the folder"
+    if problem is not None:
+        raise ValueError(f"{what} {name!r} must be a {kind} inside {root_abs} ({problem})")
+    return Path(path)

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..fileio import atomic_folder
+from ..fileio import atomic_folder, confined_path
 from .keymap import is_original_state_dict, original_to_diffusers
 from .lora_patch import Term, Workspace, merged_weight_, stack_terms
 
@@ -198,19 +198,9 @@ def save_merged_model(pipe, loras: Iterable, dest_folder: str | os.PathLike,
 
 
 def merged_model_destination(root: str | os.PathLike, name: str) -> Path:
-    """The folder `name` directly inside `root`, for a user-typed name: no path separators, no
-    "..", nothing absolute, nothing that resolves outside `root`, and not an existing folder."""
-    name = (name or "").strip()
-    if not name or name in (".", "..") or ".." in name:
-        raise ValueError(f"invalid model name {name!r}: give a plain folder name")
-    if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name) or ":" in name:
-        raise ValueError(f"invalid model name {name!r}: no path separators or drive letters")
-    if os.path.isabs(name) or name.startswith("~") or any(ord(c) < 32 for c in name):
-        raise ValueError(f"invalid model name {name!r}")
-    root_real = os.path.realpath(root)
-    dest = os.path.realpath(os.path.join(root_real, name))
-    if os.path.commonpath([root_real, dest]) != root_real or os.path.dirname(dest) != root_real:
-        raise ValueError(f"invalid model name {name!r}: it leaves {root}")
-    if os.path.exists(dest):
+    """The new folder `name` directly inside `root`, for a user-typed name (see fileio.confined_path);
+    an existing folder is refused."""
+    dest = confined_path(root, name, what="model name", plain_name=True)
+    if dest.exists():
         raise FileExistsError(f"{dest} already exists; choose another name")
-    return Path(dest)
+    return dest

@@ -15,6 +15,7 @@ import comfy.utils
 import folder_paths
 
 from ..easyanimate.loading import load_pipe
+from ..fileio import confined_path
 from ..easyanimate.model import EasyAnimateModel, EasyAnimatePipe
 from ..training.checkpoint import is_optimizer_file
 
@@ -49,14 +50,12 @@ def model_folder_names() -> list[str]:
 
 
 def resolve_model_folder(name: str) -> str:
-    if not name or os.path.basename(name) != name or name in (".", ".."):
-        raise ValueError(f"model name {name!r} must be a folder name inside models/EasyAnimate")
-    for base in folder_paths.get_folder_paths(EASYANIMATE_FOLDER):
-        candidate = os.path.join(base, name)
-        if os.path.isdir(candidate):
-            return candidate
-    searched = ", ".join(folder_paths.get_folder_paths(EASYANIMATE_FOLDER))
-    raise FileNotFoundError(f"EasyAnimate model folder {name!r} not found in: {searched}")
+    bases = folder_paths.get_folder_paths(EASYANIMATE_FOLDER)
+    for base in bases:
+        candidate = confined_path(base, name, what="model", plain_name=True)
+        if candidate.is_dir():
+            return str(candidate)
+    raise FileNotFoundError(f"EasyAnimate model folder {name!r} not found in: {', '.join(bases)}")
 
 
 class PipeCache:
@@ -129,13 +128,7 @@ def check_interrupt() -> None:
 
 def output_subpath(name: str, base: str | None = None) -> Path:
     """A path for `name` inside `base` (default: ComfyUI's output folder); never outside it."""
-    base = os.path.realpath(base or folder_paths.get_output_directory())
-    if not name or name.startswith(("/", "\\")) or ".." in Path(name).parts:
-        raise ValueError(f"name {name!r} must be a relative path without '..'")
-    path = os.path.realpath(os.path.join(base, name))
-    if os.path.commonpath([base, path]) != base:
-        raise ValueError(f"name {name!r} escapes {base}")
-    return Path(path)
+    return confined_path(base or folder_paths.get_output_directory(), name)
 
 
 __all__ = ["EasyAnimateModel", "PIPES", "register_model_folders", "model_folder_names", "resolve_model_folder",

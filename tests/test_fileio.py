@@ -122,3 +122,22 @@ def test_atomic_folder_dest_appearing_meanwhile_is_not_clobbered(tmp_path):
             (dest / "theirs.bin").write_bytes(b"theirs")
     assert os.listdir(dest) == ["theirs.bin"]
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_confined_path_keeps_names_inside_the_folder(tmp_path):
+    from easyanimate_reward.fileio import confined_path
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside", target_is_directory=True)
+    assert confined_path(root, "sub/file.txt") == root / "sub" / "file.txt"
+    assert confined_path(root, "plain", plain_name=True) == root / "plain"
+    # A symlink the user put in the folder (a model on another disk) is theirs to follow.
+    assert confined_path(root, "link", plain_name=True) == root / "link"
+    for bad in ("", "..", "../x", "/abs", "~/x", "a/../../x", "sub/../../x", "bad\x01name"):
+        with pytest.raises(ValueError, match="must be a relative path inside"):
+            confined_path(root, bad)
+    for bad in ("a/b", "a\\b", "c:x", "..", "sub/x"):
+        with pytest.raises(ValueError, match="must be a plain name inside"):
+            confined_path(root, bad, plain_name=True)

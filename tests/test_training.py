@@ -394,7 +394,7 @@ def test_prompt_file_names_from_a_workflow_stay_in_the_input_folder(tmp_path):
     (tmp_path / "secret.txt").write_text("not for workflows\n")
     assert load_prompts("prompts.txt", [inside], confine=True) == ["a cat", "a dog"]
     for bad in ("../secret.txt", str(tmp_path / "secret.txt")):
-        with pytest.raises(ValueError, match="must be a file inside"):
+        with pytest.raises(ValueError, match="must be a relative path inside"):
             load_prompts(bad, [inside], confine=True)
     # The CLI reads whatever path its user gives.
     assert load_prompts(str(tmp_path / "secret.txt"), [inside]) == ["not for workflows"]

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from ..fileio import confined_path
+
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -60,7 +62,7 @@ def load_prompts(source: str | os.PathLike, search_dirs: Iterable[str | os.PathL
     if looks_like_prompt_file(text):
         name = text.strip()
         if confine:
-            candidates = [_inside(Path(d), name, what) for d in search_dirs]
+            candidates = [confined_path(d, name, what=f"{what}: prompt file") for d in search_dirs]
         elif os.path.isabs(name):
             candidates = [Path(name)]
         else:
@@ -74,14 +76,6 @@ def load_prompts(source: str | os.PathLike, search_dirs: Iterable[str | os.PathL
     if allow_empty:
         return prompts
     return _checked(prompts, what)
-
-
-def _inside(folder: Path, name: str, what: str) -> Path:
-    root = os.path.realpath(folder)
-    path = os.path.realpath(os.path.join(root, name))
-    if os.path.isabs(name) or os.path.commonpath([root, path]) != root:
-        raise ValueError(f"{what}: prompt file {name!r} must be a file inside {root}")
-    return Path(path)
 
 
 def _checked(prompts: list[str], where: str) -> list[str]:
