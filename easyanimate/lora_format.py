@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..fileio import save_safetensors_atomic
-from .keymap import diffusers_to_original, is_original_only, original_to_diffusers
+from .keymap import ORIGINAL_ONLY_PREFIXES, diffusers_to_original, is_original_only, original_to_diffusers
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ _DOTTED_RE = re.compile(
     r"^(?P<path>.+?)\.(?P<part>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(\.(?P<adapter>[^.]+))?\.weight$"
 )
 _DOTTED_ALPHA_RE = re.compile(r"^(?P<path>.+)\.alpha$")
-_DOWN_PARTS = {"lora_A", "lora_down", "lora.down", "lora_down.weight"}
+_DOWN_PARTS = {"lora_A", "lora_down", "lora.down"}
+# Flattened (kohya) names of original-only layers, e.g. "ref_proj" or "clip_proj_1".
+_ORIGINAL_ONLY_FLAT = re.compile(rf"^({'|'.join(ORIGINAL_ONLY_PREFIXES)})(_|$)")
 
 
 class LoraMismatchError(ValueError):
@@ -101,10 +103,6 @@ class LoraWeights:
     def key(self) -> int:
         """Stays the same for views made by `with_mode` (they share `modules`)."""
         return id(self.modules)
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(m.down.numel() + m.up.numel() for m in self.modules.values())
 
     @property
     def ranks(self) -> set[int]:
@@ -367,7 +365,7 @@ def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> LoraWeigh
         if module_path not in targets:
             if entry.dotted and is_original_only(original_path):
                 skipped.append(entry.name)
-            elif not entry.dotted and re.match(r"^(ref_proj|clip_proj|swa_layers)(_|$)", entry.name):
+            elif not entry.dotted and _ORIGINAL_ONLY_FLAT.match(entry.name):
                 skipped.append(entry.name)
             else:
                 unmatched.append(entry.name)

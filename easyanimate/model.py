@@ -51,9 +51,6 @@ class EasyAnimateModel:
     def with_lora(self, weights: Any, strength: float, name: str) -> "EasyAnimateModel":
         return replace(self, loras=self.loras + (AppliedLora(name, weights, float(strength)),))
 
-    def without_loras(self) -> "EasyAnimateModel":
-        return replace(self, loras=())
-
     @property
     def version(self) -> str:
         return self.pipe.version

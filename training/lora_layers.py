@@ -100,9 +100,6 @@ class LoraLayers(nn.Module):
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def named_factors(self) -> list[tuple[str, nn.Parameter]]:
         """("<diffusers module path>.down" / ".up", parameter) for every factor: stable names for
         per-parameter state (the optimizer file), independent of the parameter order."""
