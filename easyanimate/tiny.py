@@ -11,6 +11,7 @@ sentences. A folder is a few MB and takes a few seconds of CPU.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -223,6 +224,31 @@ def write_tiny_model(dest: str | os.PathLike, version: str = "v5", seed: int = 0
         (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(version), indent=2))
         (partial / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class, "tiny": True}, indent=2))
     return dest
+
+
+TINY_NAMES = {"v5": "tiny-EasyAnimateV5-zh-InP", "v5.1": "tiny-EasyAnimateV5.1-zh-InP"}
+
+
+def cached_tiny_models(cache_root: str | os.PathLike) -> dict[str, Path]:
+    """{"v5": folder, "v5.1": folder} under `cache_root`, written once and reused until the code
+    that shapes them changes: this file, the original-format writers, or the diffusers /
+    transformers versions that serialise them."""
+    import diffusers
+    import transformers
+
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha1()
+    for name in ("tiny.py", "original_format.py", "keymap.py"):
+        digest.update((here / name).read_bytes())
+    digest.update(f"{diffusers.__version__}/{transformers.__version__}".encode())
+    root = Path(cache_root) / digest.hexdigest()[:12]
+    folders = {}
+    for version, name in TINY_NAMES.items():
+        folder = root / name
+        if not (folder / "model_index.json").is_file():
+            write_tiny_model(folder, version)
+        folders[version] = folder
+    return folders
 
 
 def main(argv: list[str] | None = None) -> None:

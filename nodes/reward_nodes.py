@@ -35,15 +35,6 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        # bf16 halves the memory of CLIP-H on a GPU; CPUs are fastest and exact in float32.
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
-
-
 def find_reward_folder(kind: str) -> str | None:
     """The first registered reward_models folder that holds everything `kind` needs."""
     bases = folder_paths.get_folder_paths(REWARD_FOLDER)
@@ -92,7 +83,8 @@ class RewardModelLoader(io.ComfyNode):
         torch_device = resolve_device(device)
         # Outside ComfyUI's inference mode: training backpropagates through the reward's weights.
         with torch.inference_mode(False):
-            reward = load_reward(kind, find_reward_folder(kind), torch_device, resolve_dtype(dtype, torch_device))
+            # dtype "auto" is resolved by the registry for this device (bf16 on a capable GPU).
+            reward = load_reward(kind, find_reward_folder(kind), torch_device, dtype)
         return io.NodeOutput(reward)
 
 

@@ -125,7 +125,7 @@ class AestheticReward(Reward):
 
     def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         head_dtype = self.head[0].weight.dtype
-        return self.head(self.normalized_embedding(frames).to(head_dtype)).squeeze(-1).to(frames.device)
+        return self.head(self.normalized_embedding(frames).to(head_dtype)).squeeze(-1)
 
 
 class AestheticV2Reward(AestheticReward):

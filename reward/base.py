@@ -9,7 +9,7 @@ from torch import nn
 
 
 class Reward(nn.Module):
-    """frames (B, 3, H, W) in [0, 1] + B prompts -> scores (B,) float32.
+    """frames (B, 3, H, W) in [0, 1] + B prompts -> scores (B,) float32 on the frames' device.
 
     Differentiable with respect to `frames`; the reward's own weights are frozen (no gradient ever
     reaches them). Subclasses implement `score`; `forward` checks the contract once for all.
@@ -24,7 +24,9 @@ class Reward(nn.Module):
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"{self.name}: expected frames (B, 3, H, W), got {tuple(frames.shape)}")
         prompts = broadcast_prompts(prompts, frames.shape[0])
-        return self.score(frames, prompts).float()
+        # On the frames' device whatever the weights' device: terms of a WeightedReward whose
+        # models sit on different devices (or on the CPU while frames are on the GPU) must add up.
+        return self.score(frames, prompts).float().to(frames.device)
 
     def freeze(self) -> "Reward":
         """Reward weights never train: no grads, eval mode (dropout off)."""

@@ -17,9 +17,9 @@ from typing import Sequence
 
 import torch
 
-from .base import Reward
+from .clip_reward import ClipReward, encode_unique
 from .clip_text import ClipTokenizer, open_clip_tokenizer
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESIZE_MODES, clip_preprocess
+from .state_dict import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _image_size(model: torch.nn.Module) -> int:
     return int(size)
 
 
-class HPSReward(Reward):
+class HPSReward(ClipReward):
     """HPS on an open_clip CLIP model (any size: ViT-H-14 for real, a tiny config for tests)."""
 
     def __init__(
@@ -47,35 +47,20 @@ class HPSReward(Reward):
         preprocess_mode: str = "letterbox",
         name: str = "hps",
     ):
-        super().__init__()
-        if preprocess_mode not in RESIZE_MODES:
-            raise ValueError(f"unknown preprocess mode {preprocess_mode!r}; choose one of {RESIZE_MODES}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocess_mode = preprocess_mode
-        self.image_size = _image_size(model)
-        self.name = name
-        self.freeze()
-
-    @property
-    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        p = next(self.model.parameters())
-        return p.device, p.dtype
-
-    def pixel_values(self, frames: torch.Tensor) -> torch.Tensor:
-        device, dtype = self._device_dtype
         # No clamp: HPS's official transform resizes the float tensor (after ToTensor), which does not
         # clip bicubic overshoot; with clamp=False our letterbox equals it to float rounding.
-        pixels = clip_preprocess(
-            frames.to(device), self.image_size, self.preprocess_mode, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clamp=False
-        )
-        return pixels.to(dtype)
+        super().__init__(preprocess_mode, _image_size(model), name, clamp=False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.freeze()
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        # The text side never depends on the frames: no graph needed.
-        device, _ = self._device_dtype
-        return self.model.encode_text(self.tokenizer(prompts).to(device), normalize=True)
+        # The text side never depends on the frames: no graph needed; each distinct prompt once.
+        device, _ = self.device_dtype
+        return encode_unique(
+            prompts, lambda distinct: self.model.encode_text(self.tokenizer(distinct).to(device), normalize=True)
+        )
 
     def image_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(self.pixel_values(frames), normalize=True)
@@ -100,21 +85,6 @@ def resolve_hps_checkpoint(path: str | os.PathLike, version: str) -> str:
             f"HPS {version} checkpoint not found: {path} (the file should be {filename}; {HPS_SOURCE_HINT})"
         )
     return path
-
-
-def read_hps_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """{"state_dict": ...} or a bare state dict, .pt (weights_only) or .safetensors; "module." stripped."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        checkpoint = load_file(path, device="cpu")
-    else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a state dict or {{'state_dict': ...}}, got {type(checkpoint).__name__}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
 
 
 def _register_config(model_name: str) -> str:
@@ -200,7 +170,7 @@ def load_hps(
         raise ValueError(f"unknown HPS version {version!r}; use 'v2' or 'v2.1'")
     version = HPS_VERSION_ALIASES[version]
     path = resolve_hps_checkpoint(checkpoint_path, version)
-    state_dict = read_hps_state_dict(path)
+    state_dict = read_state_dict(path)
     model = build_open_clip_with_weights(model_name, state_dict)
     model.to(device=device, dtype=dtype)
     log.info("loaded HPS %s from %s (%s, %s)", version, path, device, dtype)

@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Reward
+from .clip_reward import ClipReward, encode_unique
 from .clip_text import ClipTokenizer, open_clip_tokenizer, tokenizer_for_folder
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESIZE_MODES, clip_preprocess
+from .state_dict import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ MPS_OVERALL_CONDITION = (
     "light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, structure, "
     "instance, texture, quantity, attributes, position, number, location, word, things."
 )
-MPS_CHECKPOINT_FILE = "MPS_overall.pth"
+MPS_CHECKPOINT_FILE = "MPS_overall.pth"  # what EasyAnimate re-hosts
+MPS_CONVERTED_FILE = "MPS_overall.safetensors"  # what tools/convert_mps_checkpoint.py writes
+MPS_CHECKPOINT_FILES = (MPS_CONVERTED_FILE, MPS_CHECKPOINT_FILE)  # looked for in this order
 MPS_SOURCE_HINT = (
     "EasyAnimate re-hosts it as a plain state dict (MPS_overall.pth); the original pickled checkpoint "
     "from Kwai-Kolors/MPS must first be converted with tools/convert_mps_checkpoint.py"
@@ -115,13 +118,22 @@ class SwiGLU(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
+    """Rotary angles, computed in float32 on every call from `dim_head` alone.
+
+    No buffer on purpose: `.to(bfloat16)` would round the frequencies (a relative error of 2^-9,
+    which at position 256 shifts an angle by up to ~0.5 rad). Checkpoints that carry the old
+    `.inv_freq` buffer still load: the key is tolerated and ignored (it is the same formula).
+    """
+
     def __init__(self, dim_head: int):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim_head, 2).float() / dim_head)))
+        self.dim_head = dim_head
 
     def angles(self, length: int, device: torch.device) -> torch.Tensor:
+        exponents = torch.arange(0, self.dim_head, 2, device=device, dtype=torch.float32) / self.dim_head
+        inv_freq = 1.0 / (10000**exponents)
         positions = torch.arange(length, device=device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq.float()[None, :]
+        freqs = positions[:, None] * inv_freq[None, :]
         return torch.cat([freqs, freqs], dim=-1)  # (length, dim_head): both halves share frequencies
 
 
@@ -266,7 +278,7 @@ def condition_bias(prompt_tokens: torch.Tensor, condition_tokens: torch.Tensor) 
     return bias[:, None, None, :]
 
 
-class MPSReward(Reward):
+class MPSReward(ClipReward):
     """MPS overall preference on (CLIPModel, cross model, tokenizer); see the module doc for the formula."""
 
     def __init__(
@@ -278,41 +290,44 @@ class MPSReward(Reward):
         use_logit_scale: bool = True,
         name: str = "mps",
     ):
-        super().__init__()
-        if preprocess_mode not in RESIZE_MODES:
-            raise ValueError(f"unknown preprocess mode {preprocess_mode!r}; choose one of {RESIZE_MODES}")
+        super().__init__(preprocess_mode, mps.model.config.vision_config.image_size, name)
         self.mps = mps
         self.tokenizer = tokenizer
         self.condition = condition
-        self.preprocess_mode = preprocess_mode
         self.use_logit_scale = use_logit_scale
-        self.image_size = int(mps.model.config.vision_config.image_size)
-        self.name = name
+        # The condition phrase is fixed: its token features are computed once per weights device /
+        # dtype (and inference mode, so a tensor made under ComfyUI's inference mode never leaks
+        # into training). Plain attribute, not a buffer: it is derived, never saved.
+        self._condition_cache: dict[tuple, torch.Tensor] = {}
         self.freeze()
 
-    @property
-    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        p = next(self.mps.parameters())
-        return p.device, p.dtype
-
-    def pixel_values(self, frames: torch.Tensor) -> torch.Tensor:
-        device, dtype = self._device_dtype
-        pixels = clip_preprocess(frames.to(device), self.image_size, self.preprocess_mode, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        return pixels.to(dtype)
-
     def _text_tokens(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        device, _ = self._device_dtype
+        device, _ = self.device_dtype
         clip = self.mps.model
         out = clip.text_model(input_ids=self.tokenizer(prompts).to(device))
         return clip.text_projection(out.last_hidden_state), clip.text_projection(out.pooler_output)
 
     @torch.no_grad()
+    def condition_tokens(self) -> torch.Tensor:
+        """Token features (1, 77, P) of the condition phrase, cached."""
+        device, dtype = self.device_dtype
+        key = (self.condition, device, dtype, torch.is_inference_mode_enabled())
+        if key not in self._condition_cache:
+            self._condition_cache.clear()  # only the current placement is worth keeping
+            self._condition_cache[key] = self._text_tokens([self.condition])[0]
+        return self._condition_cache[key]
+
+    @torch.no_grad()
     def text_side(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """prompt token features (B, 77, P), prompt EOS embedding (B, P), condition bias (B, 1, 1, 77)."""
-        prompt_tokens, prompt_eos = self._text_tokens(prompts)
-        condition_tokens, _ = self._text_tokens([self.condition])
-        bias = condition_bias(prompt_tokens, condition_tokens.expand(len(prompts), -1, -1))
-        return prompt_tokens, prompt_eos, bias.to(prompt_tokens.dtype)
+        condition = self.condition_tokens()
+
+        def encode(distinct: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            prompt_tokens, prompt_eos = self._text_tokens(distinct)
+            bias = condition_bias(prompt_tokens, condition.expand(len(distinct), -1, -1))
+            return prompt_tokens, prompt_eos, bias.to(prompt_tokens.dtype)
+
+        return encode_unique(prompts, encode)
 
     def score_pixels(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         clip = self.mps.model
@@ -337,23 +352,13 @@ def build_clip_model(clip_config: dict | None = None) -> nn.Module:
 
 
 def read_mps_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path, device="cpu")
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a pickled whole module is refused by weights_only
-            raise ValueError(
-                f"{path} is not a plain state dict (weights_only loading failed: {err}). If it is the original "
-                f"pickled MPS checkpoint, convert it once with tools/convert_mps_checkpoint.py"
-            ) from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict with model.* and cross_model.* keys")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    try:
+        state = read_state_dict(path)
+    except pickle.UnpicklingError as err:  # a pickled whole module is refused by weights_only
+        raise ValueError(
+            f"{path} is not a plain state dict (weights_only loading failed: {err}). If it is the original "
+            f"pickled MPS checkpoint, convert it once with tools/convert_mps_checkpoint.py"
+        ) from err
     if not any(k.startswith("cross_model.") for k in state) or not any(k.startswith("model.") for k in state):
         raise ValueError(f"{path}: no model.* / cross_model.* keys: not an MPS checkpoint")
     return state
@@ -400,10 +405,13 @@ def build_clip_with_weights(clip_config: dict | None, state_dict: dict[str, torc
 def resolve_mps_checkpoint(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in (MPS_CHECKPOINT_FILE, "MPS_overall.safetensors"):
+        for name in MPS_CHECKPOINT_FILES:
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
-        raise FileNotFoundError(f"MPS checkpoint not found: expected {os.path.join(path, MPS_CHECKPOINT_FILE)} ({MPS_SOURCE_HINT})")
+        raise FileNotFoundError(
+            f"MPS checkpoint not found: expected {os.path.join(path, MPS_CHECKPOINT_FILE)} "
+            f"(or {MPS_CONVERTED_FILE}; {MPS_SOURCE_HINT})"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MPS checkpoint not found: {path} ({MPS_SOURCE_HINT})")
     return path

@@ -17,9 +17,8 @@ from typing import Sequence
 
 import torch
 
-from .base import Reward
+from .clip_reward import ClipReward, encode_unique
 from .clip_text import ClipTokenizer, tokenizer_for_folder
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESIZE_MODES, clip_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def clip_text_embeddings(model: torch.nn.Module, input_ids: torch.Tensor) -> tor
     return model.text_projection(model.text_model(input_ids=input_ids).pooler_output)
 
 
-class PickScoreReward(Reward):
+class PickScoreReward(ClipReward):
     """PickScore on a transformers `CLIPModel` (CLIP-H for real, a tiny config for tests)."""
 
     def __init__(
@@ -45,30 +44,15 @@ class PickScoreReward(Reward):
         preprocess_mode: str = "crop",
         name: str = "pickscore",
     ):
-        super().__init__()
-        if preprocess_mode not in RESIZE_MODES:
-            raise ValueError(f"unknown preprocess mode {preprocess_mode!r}; choose one of {RESIZE_MODES}")
+        super().__init__(preprocess_mode, model.config.vision_config.image_size, name)
         self.model = model
         self.tokenizer = tokenizer
-        self.preprocess_mode = preprocess_mode
-        self.image_size = int(model.config.vision_config.image_size)
-        self.name = name
         self.freeze()
-
-    @property
-    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        p = next(self.model.parameters())
-        return p.device, p.dtype
-
-    def pixel_values(self, frames: torch.Tensor) -> torch.Tensor:
-        device, dtype = self._device_dtype
-        pixels = clip_preprocess(frames.to(device), self.image_size, self.preprocess_mode, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        return pixels.to(dtype)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        device, _ = self._device_dtype
-        return clip_text_embeddings(self.model, self.tokenizer(prompts).to(device))
+        device, _ = self.device_dtype
+        return encode_unique(prompts, lambda distinct: clip_text_embeddings(self.model, self.tokenizer(distinct).to(device)))
 
     def score_pixels(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Score already-preprocessed pixel_values (B, 3, 224, 224)."""

@@ -11,7 +11,8 @@ Layout of a complete folder:
       HPS_v2_compressed.pt                 hps_v2
       HPS_v2.1_compressed.pt               hps_v2.1
       PickScore_v1/                        pickscore (transformers CLIPModel folder)
-      MPS_overall.pth                      mps (plain state dict model.* / cross_model.*)
+      MPS_overall.pth                      mps (plain state dict model.* / cross_model.*), or the
+                                           converted MPS_overall.safetensors (preferred if both exist)
       CLIP-ViT-H-14-laion2B-s32B-b79K/     mps, optional tokenizer files (bundled BPE otherwise)
       aesthetic/
         sac+logos+ava1-l14-linearMSE.pth   aesthetic_v2 head
@@ -74,16 +75,31 @@ class ExpectedFile:
     # "file"; "model_folder" (transformers: config.json + weights); "tokenizer_folder" (CLIP tokenizer files)
     form: str = "file"
     required: bool = True
+    # Other names accepted in place of `path` (same folder), preferred over it when both exist:
+    # e.g. the MPS_overall.safetensors that tools/convert_mps_checkpoint.py writes.
+    preferred_alternatives: tuple[str, ...] = ()
 
     @property
     def is_folder(self) -> bool:
         return self.form != "file"
 
+    @property
+    def accepted_paths(self) -> tuple[str, ...]:
+        """Every accepted name, in the order they are looked for."""
+        return self.preferred_alternatives + (self.path,)
+
     def location(self, folder: str | os.PathLike) -> Path:
+        """Where it is in `folder`: the first accepted name present, else the documented `path`."""
+        for name in self.accepted_paths:
+            where = Path(folder, *name.split("/"))
+            if self._present_at(where):
+                return where
         return Path(folder, *self.path.split("/"))
 
     def present(self, folder: str | os.PathLike) -> bool:
-        where = self.location(folder)
+        return self._present_at(self.location(folder))
+
+    def _present_at(self, where: Path) -> bool:
         if self.form == "file":
             return where.is_file()
         if self.form == "tokenizer_folder":
@@ -138,7 +154,7 @@ def _build_mps(folder, device, dtype, options):
     tokenizer = KINDS["mps"].files[1]
     if "tokenizer_folder" not in options and tokenizer.present(folder):
         options["tokenizer_folder"] = str(tokenizer.location(folder))
-    return load_mps(folder / "MPS_overall.pth", device=device, dtype=dtype, **options)
+    return load_mps(KINDS["mps"].files[0].location(folder), device=device, dtype=dtype, **options)
 
 
 def _build_aesthetic_v2(folder, device, dtype, options):
@@ -191,7 +207,12 @@ KINDS: dict[str, RewardKind] = {
             "mps",
             "MPS overall: CLIP-H + condition-aware cross model (Kwai-Kolors); prompt-conditioned preference",
             (
-                ExpectedFile("MPS_overall.pth", "MPS overall state dict (model.*, cross_model.*)", MPS_SOURCE),
+                ExpectedFile(
+                    "MPS_overall.pth",
+                    "MPS overall state dict (model.*, cross_model.*)",
+                    MPS_SOURCE,
+                    preferred_alternatives=("MPS_overall.safetensors",),
+                ),
                 ExpectedFile(
                     "CLIP-ViT-H-14-laion2B-s32B-b79K",
                     "CLIP-H tokenizer files (optional: the CLIP BPE bundled with open-clip-torch gives the same ids)",
@@ -289,7 +310,8 @@ def check_files(kind: str, folder: str | os.PathLike | None) -> None:
         lines = [f"reward {kind!r}: missing in {os.fspath(folder)}:"]
         for f in missing:
             what = {"file": "file", "model_folder": "folder with config.json + weights"}.get(f.form, "folder")
-            lines.append(f"  {f.location(folder)}  ({what}: {f.description}; get it from {f.source})")
+            also = "".join(f" (or {Path(folder, *name.split('/'))})" for name in f.preferred_alternatives)
+            lines.append(f"  {f.location(folder)}{also}  ({what}: {f.description}; get it from {f.source})")
         raise FileNotFoundError("\n".join(lines))
 
 
@@ -307,16 +329,27 @@ def read_folder_options(folder: str | os.PathLike | None, kind: str) -> dict:
     return dict(options)
 
 
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str = "cpu") -> torch.dtype:
+    """A dtype, a name ("bf16", "float32", ...), None (float32) or "auto": bfloat16 on a CUDA device
+    that supports it (half the memory of CLIP-H), else float32 (CPUs are fastest and exact in it)."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
-    return names[dtype]
+    if dtype == "auto":
+        if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[dtype]
 
 
 def load_reward(
@@ -328,6 +361,7 @@ def load_reward(
 ) -> Reward:
     """Build the reward `kind` from files in `folder` (a reward_models folder); frozen, eval mode.
 
+    `dtype`: a torch dtype, a name, or "auto" (see `resolve_dtype`).
     `options` go to the kind's loader (see `KINDS[kind].options`), on top of the folder's
     reward_options.json. Unknown options are an error rather than silently ignored.
     """
@@ -338,7 +372,8 @@ def load_reward(
     unknown = sorted(set(merged) - set(spec.options))
     if unknown:
         raise TypeError(f"reward {kind!r} does not take options {unknown}; it takes {list(spec.options) or 'none'}")
-    reward = spec.build(Path(folder) if folder is not None else None, torch.device(device), resolve_dtype(dtype), merged)
+    device = torch.device(device)
+    reward = spec.build(Path(folder) if folder is not None else None, device, resolve_dtype(dtype, device), merged)
     return reward.freeze()
 
 
@@ -350,6 +385,7 @@ def expected_files_markdown() -> str:
             rows.append(f"| `{spec.name}` | (none) | {spec.description} | built in |")
         for f in spec.files:
             path = f"`{f.path}/`" if f.is_folder else f"`{f.path}`"
+            path += "".join(f" or `{name}`" for name in f.preferred_alternatives)
             optional = " (optional)" if not f.required else ""
             rows.append(f"| `{spec.name}` | {path}{optional} | {f.description} | {f.source} |")
     return "\n".join(rows)

@@ -6,6 +6,7 @@ Evaluation only: everything runs under `torch.no_grad()`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -97,8 +98,8 @@ def rank_videos(
     ranked = [
         RankedVideo(index, float(row.mean()), tuple(float(s) for s in row)) for index, row in enumerate(per_video)
     ]
-    # Stable sort: ties keep the candidates' order.
-    return sorted(ranked, key=lambda video: -video.score)
+    # NaN (a diverged candidate) ranks last, never first; stable sort: ties keep the candidates' order.
+    return sorted(ranked, key=lambda video: (math.isnan(video.score), -video.score))
 
 
 def select_videos(images: torch.Tensor, frames_per_video: int, indices: Sequence[int]) -> torch.Tensor:

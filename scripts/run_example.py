@@ -11,7 +11,6 @@ as shipped), prints where the outputs were written and stops the server.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -20,26 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / ".cache" / "pkgroot"))  # the repo as the package `easyanimate_reward`
 sys.path.insert(0, str(REPO / "tests"))  # tests/host.py: ComfyServer
 
-from easyanimate_reward.easyanimate.tiny import write_tiny_model  # noqa: E402
+from easyanimate_reward.easyanimate.tiny import TINY_NAMES, cached_tiny_models  # noqa: E402
 from easyanimate_reward.tools import workflows  # noqa: E402
 from host import ComfyServer, history_error, install_models  # noqa: E402
 
-TINY_NAMES = {"v5": "tiny-EasyAnimateV5-zh-InP", "v5.1": "tiny-EasyAnimateV5.1-zh-InP"}
-
-
 def tiny_models() -> dict[str, Path]:
-    """Tiny model folders in the real layouts, rebuilt only when easyanimate/tiny.py changes
-    (the same cache the tests use)."""
-    digest = hashlib.sha1((REPO / "easyanimate" / "tiny.py").read_bytes()).hexdigest()[:12]
-    root = REPO / ".cache" / "tiny-models" / digest
-    folders = {}
-    for version, name in TINY_NAMES.items():
-        folder = root / name
-        if not (folder / "model_index.json").is_file():
-            print(f"[example] building {name}")
-            write_tiny_model(folder, version)
-        folders[name] = folder
-    return folders
+    """Tiny model folders in the real layouts, in the same cache the tests use."""
+    print("[example] tiny models (built once, then cached in .cache/tiny-models/)")
+    return {TINY_NAMES[v]: folder for v, folder in cached_tiny_models(REPO / ".cache" / "tiny-models").items()}
 
 
 def saved_files(server: ComfyServer, outputs: dict) -> list[Path]:

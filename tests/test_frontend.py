@@ -33,7 +33,9 @@ CHROMIUM_FLAGS = [
 
 
 def chromium_path() -> str:
-    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+    chosen = os.environ.get("CHROMIUM")  # the same override scripts/install_browser.sh honours
+    for candidate in (chosen and shutil.which(chosen), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     pytest.fail("Chromium is not installed: run scripts/install_browser.sh (Debian's chromium + chromium-driver)")

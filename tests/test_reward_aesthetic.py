@@ -4,6 +4,8 @@ numpy matrix products read straight from the .pth file (the original predictors'
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -162,7 +164,7 @@ def test_bad_heads_are_refused(files, tmp_path):
         load_aesthetic_v2(files["clip"], wide)
     pickled = tmp_path / "pickled.pth"
     torch.save({"layers": torch.nn.Linear(2, 1)}, pickled)  # a pickled module: weights_only refuses it
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
         load_head(pickled, V2_HEAD_PREFIX, V2_LINEAR_POSITIONS)
 
 
@@ -172,4 +174,5 @@ def test_bfloat16_backbone_close_to_float32(files, frames):
     assert next(half.backbone.parameters()).dtype == torch.bfloat16
     assert half.head[0].weight.dtype == torch.float32  # head and L2 norm stay in float32
     with torch.no_grad():
-        assert torch.allclose(half(frames), full(frames), atol=0.1)
+        # measured max |bf16 - fp32| = 0.0038 on scores of about 4.2-4.6
+        assert torch.allclose(half(frames), full(frames), atol=0.01)

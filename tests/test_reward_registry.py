@@ -19,10 +19,12 @@ from easyanimate_reward.reward.registry import (
     load_reward,
     parse_combination,
     parse_combination_terms,
+    resolve_dtype,
     write_tiny_reward_models,
 )
 from easyanimate_reward.reward.scoring import rank_videos, score_images, select_videos
 from easyanimate_reward.reward.simple import ColorfulnessReward, ContrastReward, TemporalConsistencyReward
+from easyanimate_reward.tools.convert_mps_checkpoint import convert_mps_checkpoint
 
 ALL_KINDS = (
     "hps_v2", "hps_v2.1", "pickscore", "mps", "aesthetic_v2", "aesthetic_v2.5",
@@ -83,6 +85,58 @@ def test_partly_present_files(tiny_folder, tmp_path):
     shutil.copy(tiny_folder / "aesthetic" / "clip-vit-large-patch14" / "config.json", tmp_path / "aesthetic" / "clip-vit-large-patch14")
     with pytest.raises(FileNotFoundError, match="config.json \\+ weights"):
         load_reward("aesthetic_v2", tmp_path)
+
+
+def test_converted_mps_safetensors_loads_and_is_preferred(tiny_folder, tmp_path):
+    frames = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red fox in the snow", "a blue car"]
+    shutil.copy(tiny_folder / OPTIONS_FILE, tmp_path)
+    convert_mps_checkpoint(str(tiny_folder / "MPS_overall.pth"), str(tmp_path / "MPS_overall.safetensors"))
+    with torch.no_grad():
+        original = load_reward("mps", tiny_folder)(frames, prompts)
+        converted = load_reward("mps", tmp_path)(frames, prompts)  # only the .safetensors is there
+        assert torch.allclose(converted, original, atol=1e-6)
+        # with both present the converted file wins (a .pth of other weights is ignored)
+        other = torch.load(tiny_folder / "MPS_overall.pth", weights_only=True)
+        other = {k: (v.flip(0) if k.startswith("cross_model.") else v) for k, v in other.items()}
+        torch.save(other, tmp_path / "MPS_overall.pth")
+        assert torch.allclose(load_reward("mps", tmp_path)(frames, prompts), original, atol=1e-6)
+        (tmp_path / "MPS_overall.safetensors").unlink()
+        assert not torch.allclose(load_reward("mps", tmp_path)(frames, prompts), original, atol=1e-3)
+    assert "`MPS_overall.pth` or `MPS_overall.safetensors`" in expected_files_markdown()
+
+
+def test_resolve_dtype_names_and_auto():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32  # CPUs: float32
+    assert resolve_dtype("bfloat16") == resolve_dtype("bf16") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16 and resolve_dtype(None) == torch.float32
+    assert resolve_dtype(torch.float64) == torch.float64
+    with pytest.raises(ValueError, match="unknown dtype 'half8'"):
+        resolve_dtype("half8")
+    assert next(load_reward("contrast", None, "cpu", "auto").parameters(), None) is None  # weight-free loads
+
+
+class _ConstantReward(Reward):
+    """Scores on a fixed device whatever the frames' device, as a model living elsewhere does."""
+
+    def __init__(self, device: str, value: float):
+        super().__init__()
+        self.device, self.value = device, value
+
+    def score(self, frames, prompts):
+        return torch.full((frames.shape[0],), self.value, device=self.device, dtype=torch.bfloat16)
+
+
+def test_scores_come_back_on_the_frames_device():
+    frames = torch.empty(3, 3, 8, 8, device="meta")
+    combined = WeightedReward([(_ConstantReward("cpu", 1.0), 1.0), (ContrastReward(), 2.0)])
+    total = combined(frames)  # cpu + meta terms: adding them fails unless each comes back on meta
+    assert total.device.type == "meta" and total.shape == (3,) and total.dtype == torch.float32
+    cpu_frames = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    both = WeightedReward([(_ConstantReward("cpu", 1.5), 2.0), (_ConstantReward("meta", 1.0), 0.0)])
+    with pytest.raises(NotImplementedError):  # meta -> cpu has no data: proves the move really happens
+        both(cpu_frames)
+    assert torch.equal(WeightedReward([(_ConstantReward("cpu", 1.5), 2.0)])(cpu_frames), torch.full((3,), 3.0))
 
 
 def test_bad_kind_and_options(tiny_folder):
@@ -162,6 +216,20 @@ def test_rank_and_select_videos():
     assert torch.equal(best, torch.cat([images[2:4], images[4:6]]))
     with pytest.raises(ValueError, match="candidates x frames_per_video"):
         rank_videos(ColorfulnessReward(), images, 4, "p")
+
+
+class _PerVideoReward(Reward):
+    """Score = the frame's first pixel value (NaN allowed): lets a test set each video's score."""
+
+    def score(self, frames, prompts):
+        return frames[:, 0, 0, 0]
+
+
+def test_rank_videos_puts_nan_last():
+    values = [0.2, float("nan"), 0.9, float("nan"), 0.5]
+    images = torch.tensor(values).repeat_interleave(2).view(-1, 1, 1, 1).expand(-1, 2, 2, 3).contiguous()
+    ranked = rank_videos(_PerVideoReward(), images, 2, "p")
+    assert [v.index for v in ranked] == [2, 4, 0, 1, 3]  # NaNs last, in candidate order
 
 
 def test_plot_series_image():

@@ -125,8 +125,8 @@ def test_compressibility_ranks_like_real_jpeg_size(quality):
     sizes = np.array([jpeg_bytes(image, quality) for image in images])
     with torch.no_grad():
         scores = CompressibilityReward(quality=quality)(images).numpy()
-    # higher reward = smaller file
-    assert spearman(-scores, sizes) > 0.8
+    # higher reward = smaller file (measured rank correlation: 0.946 at quality 75, 0.963 at 90)
+    assert spearman(-scores, sizes) > 0.92
 
 
 def test_temporal_consistency_per_frame_numbers():

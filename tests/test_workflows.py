@@ -13,7 +13,7 @@ import av
 import pytest
 from PIL import Image
 
-from conftest import TINY_NAMES
+from easyanimate_reward.easyanimate.tiny import TINY_NAMES
 from easyanimate_reward.tools import workflows
 from host import history_error
 

@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import warnings
 
 import torch
 
 from ..fileio import save_safetensors_atomic
+from ..reward.state_dict import read_state_dict, unwrap_state_dict
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _load_plain(src: str) -> dict:
     try:
-        return torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as err:
+        return read_state_dict(src)
+    except pickle.UnpicklingError as err:
         raise ValueError(
             f"{src} cannot be loaded as plain tensors (weights_only=True failed: {err}). If this is the "
             f"original pickled MPS checkpoint and you trust its origin, re-run with --trust-pickle "
@@ -56,22 +58,13 @@ def _load_pickled(src: str, mps_repo: str | None):
         ) from err
 
 
-def extract_state_dict(obj) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A module, {"state_dict": ...}, or a state dict -> flat {name: tensor}, "module." stripped."""
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a module or a state dict, got {type(obj).__name__}")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        key = key[len("module."):] if key.startswith("module.") else key
-        state[key] = value
+    state = {key: value for key, value in unwrap_state_dict(obj, source).items() if isinstance(value, torch.Tensor)}
     if not any(k.startswith("model.") for k in state) or not any(k.startswith("cross_model.") for k in state):
-        raise ValueError("no model.* / cross_model.* tensors found: not an MPS checkpoint")
+        raise ValueError(f"{source}: no model.* / cross_model.* tensors found: not an MPS checkpoint")
     return state
 
 
@@ -87,7 +80,7 @@ def convert_mps_checkpoint(
     if not dst.endswith(".safetensors"):
         raise ValueError(f"destination must end with .safetensors: {dst}")
     obj = _load_pickled(src, mps_repo) if trust_pickle else _load_plain(src)
-    state = extract_state_dict(obj)
+    state = extract_state_dict(obj, src)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     # safetensors refuses shared / strided storage: give every tensor its own contiguous copy.
