@@ -6,7 +6,6 @@ import logging
 import os
 import re
 
-import comfy.model_management as mm
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -14,7 +13,7 @@ from ..easyanimate.lora_format import load_lora_file
 from ..training.config import BACKPROP_STRATEGIES, TrainConfig
 from ..training.prompts import load_prompts
 from ..training.trainer import RewardLoRATrainer as CoreTrainer, StepReport, history_plot
-from .common import LORA_FOLDER, lora_file_names, output_subpath, progress_callback
+from .common import LORA_FOLDER, check_interrupt, lora_file_names, output_subpath, progress_callback
 from .types import EasyAnimateModelType, RewardModelType
 
 log = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ class RewardLoRATrainerNode(io.ComfyNode):
 
         trainer = CoreTrainer(
             model, reward, train_prompts, config, output_path=path, eval_prompts=held_out, resume_from=resume,
-            progress=progress, check_interrupt=mm.throw_exception_if_processing_interrupted, on_step=on_step,
+            progress=progress, check_interrupt=check_interrupt, on_step=on_step,
             extra_info={"lora_name": name, "reward": getattr(reward, "name", type(reward).__name__)})
         result = trainer.train()
         summary = f"{result.stop_reason} at step {result.state.step}: saved models/loras/{name}"
