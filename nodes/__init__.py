@@ -7,9 +7,12 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
-from .common import register_model_folders
+from ..easyanimate.cancel import install_cancel_check
+from .common import check_interrupt, register_model_folders
 
 register_model_folders()
+# Core loops call easyanimate.cancel.check_cancel() between units of work: Cancel in the UI raises there.
+install_cancel_check(check_interrupt)
 
 # Node modules in the order they appear in the menu.
 _NODE_MODULES = ("model_nodes", "lora_nodes", "reward_nodes", "train_nodes", "sweep_nodes")
