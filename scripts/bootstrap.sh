@@ -63,11 +63,11 @@ fi
 
 # Reinstall whenever any requirements file changed (a stamp of their contents, not of mtimes:
 # git checkouts do not keep mtimes).
-DEPS_HASH="$(cat "$HOST_DIR/requirements.txt" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -c1-16)"
+DEPS_HASH="$(cat "$HOST_DIR/requirements.txt" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/scripts/constraints.txt" | sha256sum | cut -c1-16)"
 if [ "$(cat "$VENV/.deps-ok" 2>/dev/null)" != "$DEPS_HASH" ]; then
   echo "[bootstrap] installing host and pack requirements"
   "${PIP[@]}" install -r "$HOST_DIR/requirements.txt" requests
-  "${PIP[@]}" install -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
+  "${PIP[@]}" install -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" -c "$ROOT/scripts/constraints.txt"
   echo "$DEPS_HASH" > "$VENV/.deps-ok"
 fi
 # Plain Python (tests, CLI, benchmarks) imports the repo root as the package `easyanimate_reward`.

@@ -20,7 +20,7 @@ from urllib import error, request
 
 REPO = Path(__file__).resolve().parents[1]
 HOST_DIR = REPO / ".cache" / "comfyui"
-PACK_NAME = "easyanimate_reward"
+PACK_NAME = "ComfyUI-EasyAnimate-Reward"  # a Manager-style folder name: the pack must not depend on it
 
 
 def free_port() -> int:

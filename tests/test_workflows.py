@@ -15,6 +15,7 @@ from PIL import Image
 
 from easyanimate_reward.easyanimate.tiny import TINY_NAMES
 from easyanimate_reward.tools import workflows
+import host
 from host import history_error
 
 TINY_FRAMES = workflows.TINY_SAMPLER["frames"]
@@ -181,4 +182,4 @@ def test_every_workflow_has_a_run_test():
 def test_host_lists_the_examples_as_templates(comfy_server):
     # ComfyUI's template browser reads a pack's workflows/*.json (UI format; api/ is not scanned).
     templates = comfy_server.get("/workflow_templates")
-    assert sorted(templates.get("easyanimate_reward", [])) == workflows.workflow_names(), templates
+    assert sorted(templates.get(host.PACK_NAME, [])) == workflows.workflow_names(), templates
