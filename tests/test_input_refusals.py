@@ -193,12 +193,16 @@ def test_unreadable_text_encoder_tokenizer_and_reward_files_are_named(tiny_model
             load_pipe(folder, "fp32", "none")
 
     for kind, rel in (("hps_v2.1", "HPS_v2.1_compressed.pt"), ("aesthetic_v2", "aesthetic/sac+logos+ava1-l14-linearMSE.pth"),
-                      ("mps", "MPS_overall_checkpoint.pth"), ("pickscore", "PickScore_v1/config.json")):
+                      ("aesthetic_v2", "aesthetic/clip-vit-large-patch14/model.safetensors"),
+                      ("mps", "MPS_overall.pth"), ("pickscore", "PickScore_v1/model.safetensors"),
+                      ("pickscore", "PickScore_v1/config.json")):
         folder = tmp_path / f"reward-{kind}"
+        shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(tiny_reward_folder, folder)
-        target = next(folder.rglob(rel.split("/")[-1]))
-        for other in folder.rglob(target.stem + ".safetensors"):
-            other.unlink()  # a converted copy beside it would be preferred
+        target = folder / rel
+        converted = target.with_suffix(".safetensors")
+        if converted != target and converted.exists():
+            converted.unlink()  # a converted copy beside it would be preferred
         damage(target, "truncate")
         with pytest.raises(ValueError, match=rf"{re.escape(target.name)}.*(corrupt or incomplete|not valid JSON)"):
             load_reward(kind, folder)
