@@ -23,6 +23,9 @@ from easyanimate_reward.reward.simple import SaturationReward
 from test_lora import linears, random_lora, tiny_transformer, write_official
 
 
+BLOCKS = "easyanimate_reward.transformer_blocks"  # metadata: depth of the model a pack LoRA was made for
+
+
 class Stop(Exception):
     pass
 
@@ -111,14 +114,14 @@ def test_pack_written_lora_is_judged_by_its_metadata(tmp_path):
     shallow, deep = shallow_and_deep()
     # Made by the pack on the 1-block model: it says so, and the 2-block model refuses it.
     made = save_lora_file(tmp_path / "made1.safetensors", weights_from_tensors(random_lora(shallow), 2.0),
-                          dtype=torch.float32, transformer_blocks=1)
+                          dtype=torch.float32, metadata={BLOCKS: "1"})
     with pytest.raises(LoraMismatchError, match="made for 1 blocks, model has 2"):
         load_lora_file(made, deep)
     # Written by the pack on purpose for block 0 only of the 2-block model (every module kind of
     # block 0): the heuristic for foreign files would call it shallow; its metadata says otherwise.
     block0 = {p: t for p, t in random_lora(deep).items() if p.startswith("transformer_blocks.0.")}
     partial = save_lora_file(tmp_path / "block0.safetensors", weights_from_tensors(block0, 2.0),
-                             dtype=torch.float32, transformer_blocks=2)
+                             dtype=torch.float32, metadata={BLOCKS: "2"})
     assert set(load_lora_file(partial, deep).modules) == set(block0)
     foreign = write_official(tmp_path / "block0_foreign.safetensors", block0)
     with pytest.raises(LoraMismatchError, match="made for 1 blocks, model has 2"):
