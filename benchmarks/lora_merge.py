@@ -13,6 +13,16 @@ random official-format LoRA (rank 128, alpha 64) on every Linear. Then, in one p
 Reports wall time and peak RSS growth of each phase, the speed-up of a strength change, and the
 max abs drift of the base weights after 100 strength changes and a final removal, for both.
 
+Then the strength change 0.7 -> 0.4 against what users actually have, timed interleaved (every
+repeat runs each path once, in rotating order; median and spread min..max are reported):
+  ours        : LoraPatcher.sync (fused), file parsed once.
+  comfy       : ComfyUI's own ModelPatcher (from the host copy in .cache/comfyui): patches from
+                comfy.lora.load_lora computed once (its LoraLoader caches the file); a strength
+                change unpatches the old clone (restores its backup) and patches a new clone.
+  lora_cache  : EasyAnimate's official path with its lora_cache (the LoRA state dict kept in
+                memory): unmerge the old strength, merge the new one, per key in float32.
+  reread      : the same, re-reading the file for each merge (EasyAnimate's slowest path).
+
 `--device cuda`: the transformer's weights live on the GPU (as under gpu_memory_mode "none") and are
 patched there; our backups stay in CPU RAM (as LoraPatcher keeps them), the naive path moves each
 LoRA pair to the GPU and merges there (as EasyAnimate's nodes do). Phases are timed with
@@ -173,6 +183,98 @@ def max_drift(model: nn.Module, reference: dict[str, torch.Tensor]) -> tuple[flo
     return worst, changed
 
 
+def comfy_model_patcher(model: nn.Module, lora_path: Path, table: dict[str, str]):
+    """(base ModelPatcher, patches) from the real ComfyUI in .cache/comfyui, or None if absent."""
+    import sys
+
+    host = Path(__file__).resolve().parents[1] / ".cache" / "comfyui"
+    if not (host / "comfy" / "model_patcher.py").is_file():
+        return None
+    sys.path.insert(0, str(host))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.lora
+    import comfy.model_patcher
+
+    class Holder(nn.Module):  # ComfyUI's models hold the network as .diffusion_model
+        def __init__(self, inner):
+            super().__init__()
+            self.diffusion_model = inner
+
+    key_map = {"lora_unet__" + flat: f"diffusion_model.{path}.weight" for flat, path in table.items()}
+    patches = comfy.lora.load_lora(load_file(str(lora_path)), key_map, log_missing=False)
+    device = next(model.parameters()).device
+    return comfy.model_patcher.ModelPatcher(Holder(model), device, device), patches
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def interleaved_strength_changes(model, weights, lora_path: Path, table: dict[str, str], repeats: int,
+                                 device: torch.device) -> dict[str, list[float]]:
+    """Seconds of one strength change 0.7 -> 0.4 per path and repeat (set-up and removal untimed)."""
+    patcher = LoraPatcher()
+    state = load_file(str(lora_path))
+    comfy = comfy_model_patcher(model, lora_path, table)
+    held = {}
+
+    def ours_setup():
+        patcher.sync(model, (AppliedLora("r", weights, 0.7),))
+
+    def ours_change():
+        patcher.sync(model, (AppliedLora("r", weights, 0.4),))
+
+    def ours_teardown():
+        patcher.sync(model, ())
+
+    def comfy_setup():
+        base, patches = comfy
+        held["p"] = base.clone()
+        held["p"].add_patches(patches, 0.7)
+        held["p"].patch_model(device_to=device)
+
+    def comfy_change():
+        base, patches = comfy
+        held["p"].unpatch_model(device_to=device)
+        held["p"] = base.clone()
+        held["p"].add_patches(patches, 0.4)
+        held["p"].patch_model(device_to=device)
+
+    def comfy_teardown():
+        held.pop("p").unpatch_model(device_to=device)
+
+    paths = {
+        "ours": (ours_setup, ours_change, ours_teardown),
+        "lora_cache": (lambda: naive_merge(model, None, 0.7, table, state),
+                       lambda: (naive_unmerge(model, None, 0.7, table, state), naive_merge(model, None, 0.4, table, state)),
+                       lambda: naive_unmerge(model, None, 0.4, table, state)),
+        "reread": (lambda: naive_merge(model, lora_path, 0.7, table),
+                   lambda: (naive_unmerge(model, lora_path, 0.7, table), naive_merge(model, lora_path, 0.4, table)),
+                   lambda: naive_unmerge(model, lora_path, 0.4, table)),
+    }
+    if comfy is not None:
+        paths["comfy"] = (comfy_setup, comfy_change, comfy_teardown)
+    else:
+        print("  (ComfyUI not found in .cache/comfyui: the ModelPatcher row is skipped)")
+    names = list(paths)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            setup, change, teardown = paths[name]
+            setup()
+            synchronize(device)
+            start = time.perf_counter()
+            change()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            teardown()
+    return times
+
+
 def fmt_row(label: str, probe: PeakRSS) -> str:
     row = f"  {label:<34} {probe.seconds:8.2f} s   peak RSS +{probe.growth / 2**20:8.0f} MiB"
     if probe.cuda:
@@ -192,6 +294,7 @@ def main(argv=None) -> None:
     parser.add_argument("--alpha", type=float, default=64.0)
     parser.add_argument("--changes", type=int, default=100, help="strength changes for the drift measurement")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the strength-change comparison")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the transformer's weights live (backups always stay in CPU RAM)")
     args = parser.parse_args(argv)
@@ -261,6 +364,18 @@ def main(argv=None) -> None:
         print(f"naive 0.4 weights vs ours: max abs diff {naive_vs_ours:.3g}")
         print(f"after one merge/change/unmerge the naive base has drifted: max abs {naive_after_one:.3g}, "
               f"{changed_one} of {sum(t.numel() for t in base.values())} weights changed")
+
+        # ---- strength change vs what users actually have, interleaved repeats
+        print(f"\nstrength change 0.7 -> 0.4, {args.repeats} interleaved repeats (median, spread min..max):")
+        times = interleaved_strength_changes(model, weights, lora_path, table, args.repeats, device)
+        ours_median = median(times["ours"])
+        labels = {"ours": "ours (LoraPatcher, fused)", "comfy": "ComfyUI ModelPatcher (clone + patch)",
+                  "lora_cache": "EasyAnimate lora_cache (in memory)", "reread": "EasyAnimate re-read file"}
+        for name, t in times.items():
+            ratio = "" if name == "ours" else f"   ours is {median(t) / ours_median:.1f}x faster"
+            print(f"  {labels[name]:<38} median {median(t):7.3f} s, spread {min(t):.3f}..{max(t):.3f} s{ratio}")
+        for name in base:  # back to the exact base before the drift loop
+            model.get_submodule(name).weight.data.copy_(base[name])
 
         # ---- drift after many strength changes (a subset of full-width modules to keep it quick)
         drift_set = {"transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.add_k_proj"}

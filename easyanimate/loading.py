@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .folder_files import FolderFileError, check_config_fits_weights, check_folder_files, read_shard_index
 from .keymap import convert_original_state_dict, is_original_state_dict
 from .memory import ModulePlacement
 from .original_format import (is_original_transformer_config, is_original_vae_config, translate_transformer_config,
@@ -69,7 +70,22 @@ def detect_layout(folder: str | os.PathLike) -> ModelLayout:
         raise ModelFolderError(
             f"{folder / 'text_encoder' / 'config.json'} has model_type {text_type!r}; expected 'bert' "
             "(EasyAnimate V5, with a T5 in text_encoder_2/) or 'qwen2_vl' (EasyAnimate V5.1)")
-    return ModelLayout(folder, version, scheduler.get("_class_name", ""), text_type)
+    return ModelLayout(folder, version, scheduler_class(scheduler, folder / "scheduler" / "scheduler_config.json"),
+                       text_type)
+
+
+def scheduler_class(config: dict, where: Path) -> str:
+    """The config's `_class_name`, which must name a diffusers scheduler class (never any other
+    class of the library: a model folder only chooses among schedulers)."""
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    name = config.get("_class_name", "")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ModelFolderError(f"{where}: _class_name {name!r} is not a diffusers scheduler class; the scheduler/ "
+                               "folder needs a scheduler config such as DDIMScheduler or FlowMatchEulerDiscreteScheduler")
+    return name
 
 
 def _weight_files(subfolder: Path, stem: str) -> list[Path]:
@@ -78,11 +94,10 @@ def _weight_files(subfolder: Path, stem: str) -> list[Path]:
         return [single]
     index = subfolder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index, "shard index")["weight_map"].values()))
-        missing = [s for s in shards if not (subfolder / s).is_file()]
-        if missing:
-            raise ModelFolderError(f"{index} lists shards that are missing: {', '.join(missing)}")
-        return [subfolder / s for s in shards]
+        try:  # shard names stay inside the folder (no absolute paths, no ..)
+            return read_shard_index(index, f"{stem} shard index")
+        except FolderFileError as e:
+            raise ModelFolderError(str(e)) from e
     raise ModelFolderError(f"missing weights in {subfolder}: expected {stem}.safetensors "
                            f"(or {stem}.safetensors.index.json with its shards)")
 
@@ -165,21 +180,32 @@ def load_vae(subfolder: Path, dtype: torch.dtype):
 
 
 def _load_hf(cls, folder: Path, dtype: torch.dtype):
+    what = f"the {cls.__name__} text encoder: config.json and model.safetensors (or shards with their index)"
+    try:  # before transformers reads anything: readable files, confined shards, config sized like the weights
+        check_folder_files(folder, what)
+        check_config_fits_weights(cls, folder)
+    except FolderFileError as e:
+        raise ModelFolderError(str(e)) from e
     try:
         return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True).eval()
-    except (OSError, ValueError) as e:
-        raise ModelFolderError(f"cannot load {cls.__name__} from {folder}: {e}") from e
+    except Exception as e:  # transformers/safetensors raise many types; name the folder either way
+        raise ModelFolderError(f"cannot load {cls.__name__} from {folder} ({what}): {e}") from e
 
 
 def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    what = "tokenizer files (tokenizer.json / tokenizer_config.json, vocab or spiece.model)"
     if not folder.is_dir():
-        raise ModelFolderError(f"missing tokenizer folder {folder}")
+        raise ModelFolderError(f"missing tokenizer folder {folder} ({what})")
+    try:
+        check_folder_files(folder, what, weights=False)
+    except FolderFileError as e:
+        raise ModelFolderError(str(e)) from e
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelFolderError(f"cannot load the tokenizer in {folder}: {e}") from e
+    except Exception as e:  # tokenizers raises its own exception types for garbage files
+        raise ModelFolderError(f"cannot load the tokenizer in {folder} ({what}): {e}") from e
 
 
 def load_pipe(folder: str | os.PathLike, precision: str = "bf16", memory_mode: str = "model_cpu_offload",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,12 @@ log = logging.getLogger(__name__)
 KOHYA_TRANSFORMER_PREFIX = "lora_unet"
 KOHYA_TEXT_ENCODER_PREFIX = "lora_te"
 PEFT_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.")
+MAX_STRENGTH = 10.0  # the Apply LoRA node's range is -MAX_STRENGTH..MAX_STRENGTH (sweeps too)
+# Metadata the pack writes into its own LoRA files: the diffusers module paths they target (JSON
+# list) and, when known, the number of transformer blocks of the model they were made for.
+TARGETS_KEY = "easyanimate_reward.lora_targets"
+BLOCKS_KEY = "easyanimate_reward.transformer_blocks"
+_BLOCK_RE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 
 _KOHYA_RE = re.compile(r"^(?P<prefix>lora_unet|lora_te[12]?)_+(?P<flat>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 # dotted module path + (lora_A|lora_B|lora_down|lora_up|lora.down|lora.up) [+ adapter name] + .weight, or + .alpha
@@ -384,6 +391,7 @@ def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> LoraWeigh
             alpha = next((v for k, v in alpha_pattern.items() if module_path.endswith(k)), default_alpha)
         if alpha is None:
             alpha = float(entry.down.shape[0])  # no alpha anywhere: scale 1, as the reference merge does
+        _check_values(path, entry.name, entry.down, entry.up, alpha)
         modules[module_path] = LoraModule(entry.down, entry.up, float(alpha))
 
     if unmatched or wrong_shapes or not modules:
@@ -402,6 +410,10 @@ def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> LoraWeigh
         raise LoraMismatchError("; ".join(parts) + ".")
     if skipped:
         log.warning("%s: skipping %d LoRA modules of original-only layers (%s)", path, len(skipped), skipped[0])
+    _check_coverage(path, modules, targets, metadata)
+    for entry in raw_te.values():
+        _check_values(path, entry.name, entry.down, entry.up,
+                      entry.alpha if entry.alpha is not None else entry.down.shape[0])
 
     text_encoder_modules = {
         e.name: LoraModule(e.down, e.up, float(e.alpha if e.alpha is not None else e.down.shape[0]))
@@ -412,6 +424,80 @@ def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> LoraWeigh
         log.warning("%s: %d text-encoder modules (lora_te_) are not applied; only the transformer part is",
                     path, len(text_encoder_modules))
     return LoraWeights(modules, text_encoder_modules, source=str(path), format=fmt or "kohya", metadata=metadata)
+
+
+def _check_values(path: Path, name: str, down: torch.Tensor, up: torch.Tensor, alpha) -> None:
+    """Rank 0 (alpha / rank divides by zero), NaN/inf in the factors or in alpha: refused at load."""
+    if down.shape[0] == 0 or up.shape[1] == 0:
+        raise LoraMismatchError(f"{path}: LoRA target {name!r} has rank 0 (empty down/up tensors); "
+                                "the file is broken")
+    if not math.isfinite(float(alpha)):
+        raise LoraMismatchError(f"{path}: LoRA target {name!r} has alpha {float(alpha)}; alpha must be finite")
+    for part, tensor in (("down", down), ("up", up)):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LoraMismatchError(f"{path}: LoRA target {name!r} has NaN/inf values in its {part} tensor; "
+                                    "the file is broken (a diverged training run?)")
+
+
+def _block_kinds(paths) -> dict[int, set[str]]:
+    """{block index: module paths inside the block} for `transformer_blocks.<i>.<rest>` paths."""
+    kinds: dict[int, set[str]] = {}
+    for p in paths:
+        m = _BLOCK_RE.match(p)
+        if m:
+            kinds.setdefault(int(m.group(1)), set()).add(m.group(2))
+    return kinds
+
+
+def _ranges(numbers) -> str:
+    numbers, spans = sorted(numbers), []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _check_coverage(path: Path, modules: Mapping[str, "LoraModule"], targets: Mapping[str, nn.Module],
+                    metadata: Mapping[str, str]) -> None:
+    """A LoRA made for a shallower model of the same width is refused; genuine partial LoRAs pass,
+    with a log line saying which modules they touch.
+
+    Files the pack wrote declare their targets (TARGETS_KEY) and maybe the model depth (BLOCKS_KEY):
+    they are judged by that. Other files: one that covers every LoRA-able module of each of its
+    blocks, blocks 0..N-1, while the model has M > N blocks, was made for an N-block model."""
+    model_kinds = _block_kinds(targets)
+    model_blocks = len(model_kinds)
+    file_kinds = _block_kinds(modules)
+    if TARGETS_KEY in metadata:
+        try:
+            declared = set(json.loads(metadata[TARGETS_KEY]))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise LoraMismatchError(f"{path}: metadata {TARGETS_KEY} is not a JSON list ({e})") from e
+        if declared != set(modules):
+            missing, extra = sorted(declared - set(modules)), sorted(set(modules) - declared)
+            raise LoraMismatchError(
+                f"{path}: the file says it targets {len(declared)} modules but holds {len(modules)} that fit "
+                f"(missing {missing[:3]}, not declared {extra[:3]}); it is incomplete or was edited")
+        if BLOCKS_KEY in metadata and str(metadata[BLOCKS_KEY]).strip() != str(model_blocks):
+            raise LoraMismatchError(f"LoRA {path.name} was made for {metadata[BLOCKS_KEY]} blocks, "
+                                    f"model has {model_blocks}")
+    elif file_kinds and model_blocks:
+        depth = max(file_kinds) + 1
+        full = (set(file_kinds) == set(range(depth))
+                and all(file_kinds[b] == model_kinds.get(b, set()) for b in range(depth)))
+        if full and depth < model_blocks:
+            raise LoraMismatchError(
+                f"LoRA {path.name} was made for {depth} blocks, model has {model_blocks}: it covers every "
+                f"module of blocks 0-{depth - 1} and none after, so it belongs to a shallower model of the "
+                "same width (e.g. a 7b LoRA on the 12b model)")
+    if len(modules) < len(targets):
+        kinds = sorted(set().union(*file_kinds.values())) if file_kinds else []
+        others = sorted(p for p in modules if not _BLOCK_RE.match(p))
+        log.info("%s: partial LoRA, touches %d of %d modules: blocks %s of %d (%s)%s", path, len(modules),
+                 len(targets), _ranges(file_kinds) or "none", model_blocks, ", ".join(kinds[:8]) or "-",
+                 f"; outside blocks: {', '.join(others[:8])}" if others else "")
 
 
 def resolve_text_encoder_modules(weights: LoraWeights, text_encoder: nn.Module) -> dict[str, LoraModule]:
@@ -461,8 +547,9 @@ def weights_from_tensors(
     `alpha` is one number or one per path. `text_encoder` is keyed by flattened module names."""
 
     def snapshot(down: torch.Tensor, up: torch.Tensor, a: float) -> LoraModule:
-        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
-            raise ValueError(f"down {tuple(down.shape)} / up {tuple(up.shape)} are not a (r, in) / (out, r) pair")
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or down.shape[0] == 0:
+            raise ValueError(f"down {tuple(down.shape)} / up {tuple(up.shape)} are not a (r, in) / (out, r) pair "
+                             "with rank >= 1")
         return LoraModule(down.detach().to("cpu", copy=True), up.detach().to("cpu", copy=True), float(a))
 
     def alpha_for(path: str) -> float:
@@ -514,10 +601,13 @@ def save_lora_file(
     dtype: torch.dtype = torch.bfloat16,
     metadata: Mapping[str, str] | None = None,
     style: str = "kohya",
+    transformer_blocks: int | None = None,
 ) -> Path:
     """Write `weights` as a safetensors file, atomically: `style` "kohya" is the official
     EasyAnimate format (original module paths, .alpha keys); "diffusers" is the PEFT/diffusers
-    layout (lora_A / lora_B on diffusers module paths, alpha folded into lora_B)."""
+    layout (lora_A / lora_B on diffusers module paths, alpha folded into lora_B). The metadata
+    records the targeted modules and, with `transformer_blocks` (the model's depth), which model
+    the file is for: loading judges the file by them."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA files are written as .safetensors")
@@ -533,5 +623,9 @@ def save_lora_file(
         "format": "pt",
     }
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    meta[TARGETS_KEY] = json.dumps(sorted(weights.modules))  # always what this file holds
+    blocks = transformer_blocks if transformer_blocks is not None else weights.metadata.get(BLOCKS_KEY)
+    if blocks is not None:
+        meta[BLOCKS_KEY] = str(int(blocks))
     save_safetensors_atomic(path, state, metadata=meta)
     return path

@@ -7,12 +7,14 @@ itself stays differentiable, so gradients from later steps still flow back throu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Container
 
 import torch
 import torch.nn.functional as F
 
+from .cancel import check_cancel
 from .model import EasyAnimateModel, EasyAnimatePipe
 from .text import TextConditioning, encode_prompts
 
@@ -72,6 +74,13 @@ def check_video_size(width: int, height: int, frames: int) -> None:
         raise ValueError(f"width and height must be multiples of 16 (VAE x8, patch x2); got {width}x{height}")
     if frames < 1 or (frames - 1) % 4:
         raise ValueError(f"frames must be 1 + 4k (1, 5, 9, ..., 49) for the 4x temporal VAE; got {frames}")
+
+
+def check_guidance(guidance_scale: float) -> None:
+    """cfg must be a finite number: NaN compares False with everything and would silently turn
+    classifier-free guidance off."""
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(float(guidance_scale)):
+        raise ValueError(f"cfg (guidance scale) must be a finite number, got {guidance_scale!r}")
 
 
 def latent_shape(batch: int, width: int, height: int, frames: int) -> tuple[int, ...]:
@@ -161,6 +170,7 @@ def denoise(transformer, scheduler, timesteps, latents: torch.Tensor, cond: Text
     total = len(timesteps)
     step_kwargs = {"generator": generator} if generator is not None and _accepts_generator(scheduler) else {}
     for i, t in enumerate(timesteps):
+        check_cancel()  # between sampling steps
         keep_graph = i in grad_steps and torch.is_grad_enabled()
         model_in = latents
         if hasattr(scheduler, "scale_model_input"):
@@ -221,6 +231,7 @@ def sync_loras(model: EasyAnimateModel) -> None:
 def encode_request_prompts(pipe: EasyAnimatePipe, prompt: str, negative_prompt: str, guidance_scale: float
                            ) -> tuple[TextConditioning, TextConditioning | None]:
     """Prompt and (with CFG) negative prompt in one pass: the text encoders move in once."""
+    check_guidance(guidance_scale)
     use_cfg = guidance_scale > 1
     encoded = encode_prompts(pipe, [prompt, negative_prompt] if use_cfg else [prompt]).to(pipe.compute_device,
                                                                                          pipe.dtype)
@@ -243,6 +254,7 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
     """
     pipe = model.pipe
     check_video_size(request.width, request.height, request.frames)
+    check_guidance(request.guidance_scale)
     if request.steps < 1:
         raise ValueError("steps must be at least 1")
     device = pipe.compute_device

@@ -5,7 +5,8 @@ text_proj_t5 and concatenates them. As in EasyAnimate's pipeline_easyanimate_inp
 encode_prompt: each tokenizer pads to min(tokenizer.model_max_length, 256) tokens, and the encoders
 get the attention mask only when the transformer config enables it (the official V5 yaml sets
 enable_text_attention_mask false: Bert and T5 then also attend to the padding).
-V5.1: Qwen2-VL on the chat-formatted prompt (256 tokens), the second-to-last hidden state.
+V5.1: Qwen2-VL on the chat-formatted prompt (256 tokens, padded on the right), the second-to-last
+hidden state.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class TextConditioning:
         return self.embeds.shape[0]
 
 
-def _tokens(tokenizer, texts, max_length, device):
+def _tokens(tokenizer, texts, max_length, device, padding_side=None):
+    extra = {} if padding_side is None else {"padding_side": padding_side}
     batch = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                      return_attention_mask=True, return_tensors="pt")
+                      return_attention_mask=True, return_tensors="pt", **extra)
     return batch.input_ids.to(device), batch.attention_mask.to(device)
 
 
@@ -73,7 +75,9 @@ def encode_prompts(pipe: EasyAnimatePipe, prompts: list[str]) -> TextConditionin
         for p in prompts
     ]
     with pipe.placement.use(pipe.text_encoder):
-        ids, mask = _tokens(pipe.tokenizer, texts, QWEN_MAX_TOKENS, device)
+        # Right padding, whatever the tokenizer folder's config says (Qwen2-VL tokenizers may default to
+        # left): diffusers' and EasyAnimate's own pipelines pass padding_side="right" explicitly.
+        ids, mask = _tokens(pipe.tokenizer, texts, QWEN_MAX_TOKENS, device, padding_side="right")
         out = pipe.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         embeds = out.hidden_states[-2]
     return TextConditioning(embeds.to(pipe.dtype))

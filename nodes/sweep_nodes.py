@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..easyanimate.cancel import check_cancel
+from ..easyanimate.lora_format import MAX_STRENGTH
 from ..easyanimate.lora_patch import DEFAULT_MODE, MODES
 from ..easyanimate.sampling import (
-    SCHEDULER_CHOICES, SampleRequest, check_video_size, encode_request_prompts, sample_video)
+    SCHEDULER_CHOICES, SampleRequest, check_guidance, check_video_size, encode_request_prompts, sample_video)
 from ..reward.plot import plot_series
 from ..reward.scoring import score_images
-from .common import LORA_FOLDER, check_interrupt, lora_file_names, progress_callback
+from .common import LORA_FOLDER, lora_file_names, progress_callback
 from .lora_nodes import cached_lora
 from .types import EasyAnimateModelType, RewardModelType
 
 
+# A plain decimal number (no nan/inf words, no Python digit separators like "1_0").
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
 def parse_strengths(text: str) -> list[float]:
-    """"0, 0.25, 0.5" -> [0.0, 0.25, 0.5]; commas or spaces separate values."""
+    """"0, 0.25, 0.5" -> [0.0, 0.25, 0.5]; commas or spaces separate values. Every value is a
+    plain finite number within the Apply LoRA node's range (+-MAX_STRENGTH)."""
     parts = [p for p in text.replace(",", " ").split() if p]
     if not parts:
         raise ValueError("strengths: give at least one number, e.g. '0,0.25,0.5,0.75,1'")
-    try:
-        return [float(p) for p in parts]
-    except ValueError as e:
-        raise ValueError(f"strengths {text!r}: not a list of numbers ({e})") from None
+    values = []
+    for part in parts:
+        value = float(part) if _NUMBER.match(part) else math.nan
+        if not _NUMBER.match(part) or not math.isfinite(value):
+            raise ValueError(f"strengths {text!r}: {part!r} is not a plain finite number (e.g. 0.5 or -1)")
+        if abs(value) > MAX_STRENGTH:
+            raise ValueError(f"strengths {text!r}: {part} is outside the LoRA strength range "
+                             f"-{MAX_STRENGTH:g}..{MAX_STRENGTH:g}")
+        values.append(value)
+    return values
 
 
 def format_sweep(strengths: list[float], means: list[float], reward_name: str) -> str:
@@ -77,6 +93,7 @@ class EasyAnimateStrengthSweep(io.ComfyNode):
     def execute(cls, model, lora_name, reward, prompt, negative_prompt, strengths, width, height, frames, steps,
                 cfg, seed, scheduler, mode, batch_size) -> io.NodeOutput:
         check_video_size(width, height, frames)
+        check_guidance(cfg)
         values = parse_strengths(strengths)
         weights = cached_lora(folder_paths.get_full_path_or_raise(LORA_FOLDER, lora_name), model.pipe.transformer)
         request = SampleRequest(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
@@ -86,11 +103,12 @@ class EasyAnimateStrengthSweep(io.ComfyNode):
         text = encode_request_prompts(model.pipe, prompt, negative_prompt, cfg)  # once for every strength
         videos, means = [], []
         for number, strength in enumerate(values):
+            check_cancel()  # before each strength: Cancel stops the sweep between videos
             variant = model if strength == 0 else model.with_lora(weights.with_mode(mode), strength, lora_name)
             offset = number * steps
             video = sample_video(variant, request, lambda i, n, x=None, o=offset: on_step(o + i, steps * len(values)),
                                  text=text)
-            check_interrupt()
+            check_cancel()
             means.append(float(score_images(reward, video, prompt, batch_size).mean()))
             videos.append(video)
         label = " | ".join(f"{s:g}" for s in values)

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..easyanimate.folder_files import check_folder_files
 from .base import Reward
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, clip_preprocess
+from .state_dict import read_state_dict
 
 # Positions of the Linear layers inside each original nn.Sequential (the rest were Dropout).
 V2_LINEAR_POSITIONS = (0, 2, 4, 6, 7)
@@ -73,7 +76,7 @@ def head_widths_from_state_dict(state_dict: dict, prefix: str, linear_positions:
 
 def load_head(path: str | os.PathLike, prefix: str, linear_positions: Sequence[int]) -> nn.Sequential:
     """Load a head state dict file (torch pickle of tensors only: weights_only=True) into float32."""
-    state_dict = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    state_dict = read_state_dict(path, "the aesthetic predictor's head (a small linear stack)")
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
     # The container name is the Sequential itself here: strip it to load into the bare Sequential.
@@ -180,6 +183,7 @@ def quiet_transformers():
 
 def _load_vision(model_class, config, folder, device, dtype):
     """Only the vision tower's weights from a transformers folder; every one of them must be there."""
+    check_folder_files(Path(folder), f"the {model_class.__name__} backbone: config.json and its weights")
     with quiet_transformers():
         # local_files_only: a folder path never triggers a download attempt.
         model, info = model_class.from_pretrained(

@@ -36,6 +36,8 @@ def encode_unique(prompts: Sequence[str], encode: Callable[[list[str]], Encoded]
 class ClipReward(Reward):
     """Base of the CLIP-family rewards: the weights set the device/dtype every input is moved to."""
 
+    needs_prompts = True  # they score image-text agreement
+
     def __init__(self, preprocess_mode: str, image_size: int, name: str, clamp: bool = True):
         super().__init__()
         if preprocess_mode not in RESIZE_MODES:

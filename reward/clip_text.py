@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -62,7 +63,13 @@ def hf_folder_tokenizer(folder: str | os.PathLike) -> ClipTokenizer:
     """transformers' CLIP tokenizer from local files only (never remote code, never the network)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    from ..easyanimate.folder_files import check_folder_files
+
+    check_folder_files(Path(folder), "CLIP tokenizer files (tokenizer.json or vocab.json + merges.txt)", weights=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # tokenizers raises its own types for garbage files
+        raise ValueError(f"cannot load the CLIP tokenizer in {folder}: {e}") from e
 
     def encode(prompts: list[str]) -> torch.Tensor:
         out = tok(prompts, padding="max_length", max_length=CLIP_CONTEXT_LENGTH, truncation=True, return_tensors="pt")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -82,6 +83,9 @@ def check_clip_folder(folder: str | os.PathLike, what: str, hint: str) -> str:
 def load_clip_model_folder(folder: str, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import CLIPModel
 
+    from ..easyanimate.folder_files import check_folder_files
+
+    check_folder_files(Path(folder), "the PickScore CLIPModel: config.json and its weights")
     # Local files only; transformers reads .bin with weights_only and never runs remote code here.
     model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
     return model.to(device).eval()

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..easyanimate.cancel import check_cancel
 from .base import Reward
 
 Progress = Callable[[int, int], None]
@@ -65,6 +66,7 @@ def score_images(
     device = reward_device(reward)
     scores = torch.empty(total, dtype=torch.float32)
     for start, stop in spans:
+        check_cancel()  # between batches: Cancel stops scoring before the next batch
         frames = images[start:stop].to(device=device, dtype=torch.float32).permute(0, 3, 1, 2)
         scores[start:stop] = reward(frames, [prompts[start // length]] * (stop - start)).float().cpu()
         if progress is not None:

@@ -41,7 +41,7 @@ def test_colorfulness_matches_hasler_suesstrunk():
     rg = (rgb[:, 0] - rgb[:, 1]).reshape(len(rgb), -1)
     yb = (0.5 * (rgb[:, 0] + rgb[:, 1]) - rgb[:, 2]).reshape(len(rgb), -1)
     expected = np.sqrt(rg.std(1) ** 2 + yb.std(1) ** 2) + 0.3 * np.sqrt(rg.mean(1) ** 2 + yb.mean(1) ** 2)
-    assert np.allclose(ColorfulnessReward()(frames).numpy(), expected, rtol=1e-4)
+    assert np.allclose(ColorfulnessReward()(frames).numpy(), expected, rtol=1e-6, atol=0)  # 1e-7 measured
     red = torch.zeros(1, 3, 8, 8)
     red[:, 0] = 1.0
     # Pure red: no spread, mean (rg, yb) = (255, 127.5) -> 0.3 * |(255, 127.5)|
@@ -53,14 +53,14 @@ def test_saturation_matches_hsv():
     frames = random_frames(2, 6, 5)
     pixels = to_numpy(frames).transpose(0, 2, 3, 1).reshape(2, -1, 3)
     expected = [np.mean([colorsys.rgb_to_hsv(*p)[1] for p in image]) for image in pixels]
-    assert np.allclose(SaturationReward()(frames).numpy(), expected, atol=1e-4)
+    assert np.allclose(SaturationReward()(frames).numpy(), expected, rtol=0, atol=5e-6)  # 1.2e-6 measured
 
 
 def test_contrast_is_luma_std():
     frames = random_frames()
     rgb = to_numpy(frames)
     y = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
-    assert np.allclose(ContrastReward()(frames).numpy(), y.reshape(len(y), -1).std(1), rtol=1e-4)
+    assert np.allclose(ContrastReward()(frames).numpy(), y.reshape(len(y), -1).std(1), rtol=5e-5, atol=0)  # 1.3e-5
 
 
 def test_sharpness_is_laplacian_energy_and_drops_with_blur():
@@ -68,7 +68,7 @@ def test_sharpness_is_laplacian_energy_and_drops_with_blur():
     rgb = to_numpy(frames)
     y = np.pad(0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2], ((0, 0), (1, 1), (1, 1)), mode="edge")
     lap = y[:, :-2, 1:-1] + y[:, 2:, 1:-1] + y[:, 1:-1, :-2] + y[:, 1:-1, 2:] - 4 * y[:, 1:-1, 1:-1]
-    assert np.allclose(SharpnessReward()(frames).numpy(), (lap**2).reshape(len(lap), -1).mean(1), rtol=1e-4)
+    assert np.allclose(SharpnessReward()(frames).numpy(), (lap**2).reshape(len(lap), -1).mean(1), rtol=1e-6, atol=0)
     blurred = F.avg_pool2d(F.pad(frames, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     assert (SharpnessReward()(blurred) < SharpnessReward()(frames)).all()
     assert SharpnessReward()(torch.full((1, 3, 8, 8), 0.3)).item() == pytest.approx(0.0, abs=1e-10)
@@ -80,7 +80,7 @@ def test_dct_is_jpeg_fdct():
     flat = torch.full((1, 8, 8), 10.0)
     coefficients = blockwise_dct(flat, basis)[0, 0]
     assert coefficients[0, 0].item() == pytest.approx(80.0, rel=1e-5)  # DC = 8 x mean for the orthonormal DCT
-    assert coefficients.flatten()[1:].abs().max() < 1e-4
+    assert coefficients.flatten()[1:].abs().max() < 1e-5  # 1.3e-6 measured
     # IJG quality scaling: 50 is the base table, 75 halves it (rounded), 100 is all ones.
     assert torch.equal(jpeg_quant_table(JPEG_LUMA_TABLE, 50), torch.tensor(JPEG_LUMA_TABLE, dtype=torch.float32))
     assert jpeg_quant_table(JPEG_LUMA_TABLE, 75)[0, 0].item() == 8

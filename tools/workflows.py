@@ -451,7 +451,8 @@ def write_tiny_lora(version: str, dest: str | os.PathLike, seed: int = 0, rank: 
         down = torch.randn(rank, module.in_features, generator=generator) * 0.5
         up = torch.randn(module.out_features, rank, generator=generator) * 0.5
         tensors[path] = (down, up)
-    return save_lora_file(dest, weights_from_tensors(tensors, alpha=float(rank)), dtype=torch.float32)
+    return save_lora_file(dest, weights_from_tensors(tensors, alpha=float(rank)), dtype=torch.float32,
+                          transformer_blocks=transformer.config.num_layers)
 
 
 def install_tiny_assets(base: str | os.PathLike, graph: Mapping[str, Any] | None = None) -> None:
