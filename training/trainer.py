@@ -44,11 +44,11 @@ from .rollout import (
     PromptBank,
     RolloutSettings,
     enable_gradient_checkpointing,
+    frame_rewards,
     hold_on_device,
     make_autograd_safe,
     reward_loss,
     rollout_video,
-    video_rewards,
 )
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ class RewardLoRATrainer:
             uncond = bank.uncond(len(prompts)) if cfg.guidance_scale > 1 else None
             video = rollout_video(pipe, self.settings, bank.cond(prompts), uncond, seeds,
                                   self.grad_steps_for(step, micro), cfg.detach_input, self._sampling_callback())
-            scores = video_rewards(self.reward, video, prompts, cfg.num_sampled_frames)
+            scores = frame_rewards(self.reward, video, prompts, cfg.num_sampled_frames)
             loss = reward_loss(scores, cfg.max_reward, cfg.loss_scale)
             if not torch.isfinite(loss):
                 raise _NonFinite(f"the loss is {loss.item()} at step {step + 1}")
@@ -272,7 +272,7 @@ class RewardLoRATrainer:
             uncond = bank.uncond(len(batch)) if cfg.guidance_scale > 1 else None
             video = rollout_video(pipe, self.settings, bank.cond(batch), uncond, seeds, (),
                                   step_callback=self._sampling_callback())
-            scores.append(video_rewards(self.reward, video, batch, cfg.num_sampled_frames))
+            scores.append(frame_rewards(self.reward, video, batch, cfg.num_sampled_frames))
         scores = torch.cat(scores)
         return scores.mean().item(), reward_loss(scores, cfg.max_reward, cfg.loss_scale).item()
 
