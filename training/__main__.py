@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
                             format=f"%(asctime)s %(levelname)s{f' [rank {dist.rank}]' if dist.active else ''} %(message)s")
-    install_stop_signals()  # SIGTERM stops as cleanly as Ctrl-C; neither cuts an optimizer step in half
+    restore_signals = install_stop_signals()  # SIGTERM stops as cleanly as Ctrl-C; neither cuts a step or a save
     try:
         return _train(args, config, dist, device)
     finally:
+        restore_signals()
         dist.close()
 
 

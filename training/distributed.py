@@ -257,13 +257,19 @@ def _on_signal(signum, frame):
     _raise_for(signum)
 
 
-def install_stop_signals() -> None:
+def install_stop_signals():
     """SIGINT and SIGTERM raise (KeyboardInterrupt / Terminated) in the main thread, except inside
-    `critical()`, where they are held until it ends. For the CLI; the ComfyUI node never calls it."""
+    `critical()`, where they are held until it ends. For the CLI; the ComfyUI node never calls it.
+    Returns a function that puts the previous handlers back."""
     if threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+        return lambda: None
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 @contextlib.contextmanager

@@ -317,9 +317,10 @@ class RewardLoRATrainer:
         if self.output_path is None or not self.dist.is_main:
             return None
         self.state.stop_reason = stop_reason
-        moments = optimizer_tensors(self.lora.named_factors(), self.optimizer) if self.optimizer is not None else None
-        self.saved_path = save_checkpoint(self.output_path, self.lora.to_weights(), self.state, self._extra(),
-                                          self.save_dtype, optimizer_state=moments)
+        with critical():  # a stop signal waits until the files are complete
+            moments = optimizer_tensors(self.lora.named_factors(), self.optimizer) if self.optimizer is not None else None
+            self.saved_path = save_checkpoint(self.output_path, self.lora.to_weights(), self.state, self._extra(),
+                                              self.save_dtype, optimizer_state=moments)
         return self.saved_path
 
     def _save_best(self) -> None:
