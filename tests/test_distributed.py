@@ -53,9 +53,9 @@ def torchrun(target: list[str], args: list[str], **env) -> subprocess.CompletedP
 
 
 def accelerate_launch(args: list[str]) -> subprocess.CompletedProcess:
-    """The documented command: accelerate's multi-process launcher (on CPU --device cpu selects gloo)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    """The documented command with the shipped DDP config (on CPU, --device cpu selects gloo)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
                "-m", "easyanimate_reward.training"] + args
     return subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
