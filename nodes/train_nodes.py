@@ -97,8 +97,9 @@ class RewardLoRATrainerNode(io.ComfyNode):
                                          "each step's gradient reaches the LoRA without flowing through earlier steps."),
                 io.Int.Input("num_decoded_latents", default=1, min=1, max=64,
                              tooltip="Decode only the first k latents (1 = the first frame; k = 1 + 4(k-1) frames)."),
-                io.Int.Input("num_sampled_frames", default=1, min=1, max=256,
-                             tooltip="Evenly spaced frames of the decoded part that the reward scores."),
+                io.Int.Input("num_sampled_frames", default=1, min=0, max=256,
+                             tooltip="Evenly spaced frames of the decoded part that the reward scores "
+                                     "(linspace(0, F-1, n) rounded down, as the official trainer); 0 = all decoded frames."),
                 io.Int.Input("rank", default=128, min=1, max=1024, tooltip="LoRA rank."),
                 io.Float.Input("alpha", default=64.0, min=0.01, max=4096.0, step=0.01,
                                tooltip="LoRA alpha; the update is scaled by alpha / rank."),

@@ -6,7 +6,12 @@
 KIND is a reward kind (hps_v2.1, pickscore, mps, aesthetic_v2, saturation, ...) or a weighted
 combination such as "hps_v2.1 + 0.5*aesthetic_v2". Every TrainConfig field is a flag
 (--sampling-steps, --backprop tail --backprop-k 10, --learning-rate, ...). Ctrl-C stops cleanly:
-the LoRA so far is saved to --output (exit code 130).
+the LoRA so far is saved to --output (exit code 130; SIGTERM: 143).
+
+Data-parallel on several GPUs (or CPU processes): launch the same command with
+    accelerate launch --multi_gpu --num_processes N -m easyanimate_reward.training ...
+or  torchrun --nproc_per_node N -m easyanimate_reward.training ...
+(--batch-size is per process; only rank 0 writes files; see training/distributed.py).
 
 Files written beside --output OUT.safetensors: OUT.safetensors.json (settings, step, history),
 OUT.optimizer.safetensors (AdamW state + float32 weights: --resume OUT.safetensors continues exactly
@@ -89,31 +94,62 @@ def load_reward_spec(spec: str, folder: str | None, device, dtype):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import DataParallel, install_stop_signals
+
+    args = build_parser().parse_args(argv)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}).validate()
+    # Under torchrun / accelerate launch: this process is one rank (refuses FSDP / ZeRO-3 here, before loading).
+    dist = DataParallel.from_environment(args.device)
+    device = dist.device if dist.active else args.device
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                            format=f"%(asctime)s %(levelname)s{f' [rank {dist.rank}]' if dist.active else ''} %(message)s")
+    restore_signals = install_stop_signals()  # SIGTERM stops as cleanly as Ctrl-C; neither cuts a step or a save
+    try:
+        return _train(args, config, dist, device)
+    finally:
+        restore_signals()
+        dist.close()
+
+
+def _train(args, config: TrainConfig, dist, device) -> int:
     from ..easyanimate.loading import load_pipe
     from ..easyanimate.model import EasyAnimateModel
+    from .distributed import Terminated
     from .prompts import read_prompt_file
     from .trainer import RewardLoRATrainer, TrainingDivergedError
 
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}).validate()
     prompts = read_prompt_file(args.prompts)
     eval_prompts = read_prompt_file(args.eval_prompts) if args.eval_prompts else []
-    pipe = load_pipe(args.model, args.precision, args.memory_mode, device=args.device)
-    reward = load_reward_spec(args.reward, args.reward_folder, args.device, args.reward_dtype or pipe.dtype)
+    pipe = load_pipe(args.model, args.precision, args.memory_mode, device=device)
+    reward = load_reward_spec(args.reward, args.reward_folder, device, args.reward_dtype or pipe.dtype)
     trainer = RewardLoRATrainer(
         EasyAnimateModel(pipe), reward, prompts, config, output_path=args.output, eval_prompts=eval_prompts,
         resume_from=args.resume, save_dtype=torch.float32 if args.save_dtype == "fp32" else torch.bfloat16,
-        extra_info={"reward": args.reward, "model": args.model})
+        extra_info={"reward": args.reward, "model": args.model, "world_size": dist.world_size,
+                    "global_batch": config.batch_size * dist.world_size * config.grad_accumulation},
+        distributed=dist)
+    where = f"rank {dist.rank}: " if dist.active else ""
     try:
         result = trainer.train()
-    except KeyboardInterrupt:
-        print(f"interrupted at step {trainer.state.step}; LoRA kept in {trainer.saved_path}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        kept = trainer.saved_path if dist.is_main else "rank 0's output"
+        print(f"{where}{'terminated' if isinstance(e, Terminated) else 'interrupted'} at step {trainer.state.step}; "
+              f"LoRA kept in {kept}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except TrainingDivergedError as e:
-        print(str(e), file=sys.stderr)
+        print(f"{where}{e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not dist.active:
+            raise
+        # Typically another rank died and this rank's collective failed: stop, rank 0 kept the last step.
+        kept = trainer.saved_path if dist.is_main else "rank 0's output"
+        print(f"{where}stopped at step {trainer.state.step} ({type(e).__name__}: {e}); LoRA kept in {kept}",
+              file=sys.stderr)
+        return 1
+    if not dist.is_main:
+        return 0
     print(f"{result.stop_reason} at step {result.state.step}; LoRA saved to {result.saved_path}")
     if result.best_path is not None:
         print(f"best held-out reward {result.best_eval_reward:.5g} at step {result.best_step}: {result.best_path}")

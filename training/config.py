@@ -105,7 +105,7 @@ class TrainConfig:
     backprop_steps: str = ""
     detach_input: bool = False  # DRTune: stop-gradient at the transformer input on grad steps
     num_decoded_latents: int = 1
-    num_sampled_frames: int = 1
+    num_sampled_frames: int = 1  # frames scored, spread like linspace(0, F - 1, n).long(); 0 = all decoded frames
     # loss
     max_reward: float | None = None  # set: loss = |reward - max_reward| * scale; else -reward * scale
     loss_scale: float = 1.0
@@ -133,11 +133,11 @@ class TrainConfig:
 
         check_video_size(self.width, self.height, self.frames)
         positive = ("sampling_steps", "rank", "train_steps", "grad_accumulation", "batch_size",
-                    "num_decoded_latents", "num_sampled_frames")
+                    "num_decoded_latents")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("save_every", "eval_every", "early_stop_patience"):
+        for name in ("save_every", "eval_every", "early_stop_patience", "num_sampled_frames"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.adam_eps <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:

@@ -30,6 +30,7 @@ from ..easyanimate.text import TextConditioning, encode_prompts
 from .config import TrainConfig
 
 GradSteps = Collection[int] | Callable[[int], Collection[int]]
+ALL_FRAMES = 0  # num_sampled_frames 0: score every decoded frame
 
 
 @dataclass(frozen=True)
@@ -178,12 +179,16 @@ def rollout_video(pipe: EasyAnimatePipe, settings: RolloutSettings, cond: TextCo
 
 
 def sampled_frame_indices(available: int, count: int) -> list[int]:
-    """`count` evenly spaced frame indices out of `available` (first and last included)."""
-    if count >= available:
+    """Which of `available` decoded frames are scored, as the official trainer picks them:
+    `torch.linspace(0, available - 1, count).long()` (spread evenly, rounded down; first and last
+    included). count 0 (ALL_FRAMES) = every decoded frame."""
+    if count < 0:
+        raise ValueError(f"num_sampled_frames must be >= 0 (0 = all decoded frames), got {count}")
+    if count == ALL_FRAMES:
         return list(range(available))
-    if count == 1:
-        return [0]
-    return [round(i * (available - 1) / (count - 1)) for i in range(count)]
+    if count > available:
+        raise ValueError(f"num_sampled_frames {count} exceeds the {available} decoded frames")
+    return torch.linspace(0, available - 1, count).long().tolist()
 
 
 def pick_frames(video: torch.Tensor, count: int) -> torch.Tensor:
@@ -193,8 +198,8 @@ def pick_frames(video: torch.Tensor, count: int) -> torch.Tensor:
     return frames.permute(0, 2, 1, 3, 4).reshape(-1, *video.shape[1:2], *video.shape[3:])
 
 
-def video_rewards(reward, video: torch.Tensor, prompts: Sequence[str], count: int) -> torch.Tensor:
-    """Mean reward of each video's sampled frames -> (B,) float32, differentiable."""
+def frame_rewards(reward, video: torch.Tensor, prompts: Sequence[str], count: int) -> torch.Tensor:
+    """Reward of each sampled frame of each video -> (B, n) float32, differentiable."""
     frames = pick_frames(video, count)
     per_video = frames.shape[0] // video.shape[0]
     frame_prompts = [p for p in prompts for _ in range(per_video)]
@@ -202,11 +207,18 @@ def video_rewards(reward, video: torch.Tensor, prompts: Sequence[str], count: in
     if device is not None and frames.device != device:
         frames = frames.to(device)
     scores = reward(frames, frame_prompts).float()
-    return scores.view(video.shape[0], per_video).mean(dim=1)
+    return scores.view(video.shape[0], per_video)
+
+
+def video_rewards(reward, video: torch.Tensor, prompts: Sequence[str], count: int) -> torch.Tensor:
+    """Mean reward of each video's sampled frames -> (B,) float32, differentiable."""
+    return frame_rewards(reward, video, prompts, count).mean(dim=1)
 
 
 def reward_loss(rewards: torch.Tensor, max_reward: float | None = None, scale: float = 1.0) -> torch.Tensor:
-    """-mean(reward) * scale, or mean |reward - max_reward| * scale when a target is set."""
+    """The official loss on per-frame rewards (B, n) (or per-video ones (B,)): -mean(reward) * scale,
+    or with a target the mean over every frame of |reward - max_reward| * scale (a frame above the
+    target costs as much as one below; |mean - max| would let frames above it cancel ones below)."""
     if max_reward is None:
         return -rewards.mean() * scale
     return (rewards - max_reward).abs().mean() * scale

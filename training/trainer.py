@@ -39,16 +39,17 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, resolve_strategy, select_grad_steps
+from .distributed import SINGLE_PROCESS, DataParallel, critical
 from .lora_layers import LoraLayers
 from .rollout import (
     PromptBank,
     RolloutSettings,
     enable_gradient_checkpointing,
+    frame_rewards,
     hold_on_device,
     make_autograd_safe,
     reward_loss,
     rollout_video,
-    video_rewards,
 )
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ class RewardLoRATrainer:
                  progress: Callable[[int, int], None] | None = None,
                  check_interrupt: Callable[[], None] | None = None,
                  on_step: Callable[[StepReport], None] | None = None,
-                 save_dtype: torch.dtype = torch.bfloat16, extra_info: dict | None = None):
+                 save_dtype: torch.dtype = torch.bfloat16, extra_info: dict | None = None,
+                 distributed: DataParallel | None = None):
         if not prompts:
             raise ValueError("no training prompts: give at least one prompt")
         self.model = model
@@ -117,6 +119,7 @@ class RewardLoRATrainer:
         self.progress, self.check_interrupt, self.on_step = progress, check_interrupt, on_step
         self.save_dtype = save_dtype
         self.extra_info = dict(extra_info or {})
+        self.dist = distributed or SINGLE_PROCESS  # ranks: own prompts/seeds, averaged grads, rank 0 writes
         self.settings = RolloutSettings.from_config(config)
         self.strategy = resolve_strategy(config.backprop, is_flow_matching(self.pipe))
         self.state = TrainingState(config=config.to_dict())
@@ -216,7 +219,8 @@ class RewardLoRATrainer:
 
     def _micro_batch(self, step: int, micro: int) -> tuple[list[str], list[int]]:
         cfg = self.config
-        first = (step * cfg.grad_accumulation + micro) * cfg.batch_size
+        first = self.dist.first_of_rank((step * cfg.grad_accumulation + micro) * cfg.batch_size * self.dist.world_size,
+                                        cfg.batch_size)
         prompts = [self._prompt_at(first + i) for i in range(cfg.batch_size)]
         seeds = [cfg.seed + first + i for i in range(cfg.batch_size)]
         return prompts, seeds
@@ -244,36 +248,41 @@ class RewardLoRATrainer:
             uncond = bank.uncond(len(prompts)) if cfg.guidance_scale > 1 else None
             video = rollout_video(pipe, self.settings, bank.cond(prompts), uncond, seeds,
                                   self.grad_steps_for(step, micro), cfg.detach_input, self._sampling_callback())
-            scores = video_rewards(self.reward, video, prompts, cfg.num_sampled_frames)
+            scores = frame_rewards(self.reward, video, prompts, cfg.num_sampled_frames)
             loss = reward_loss(scores, cfg.max_reward, cfg.loss_scale)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss) and not self.dist.active:  # ranks: all stop after the reduction
                 raise _NonFinite(f"the loss is {loss.item()} at step {step + 1}")
             (loss / cfg.grad_accumulation).backward()
             rewards.append(scores.detach().mean().item())
             losses.append(loss.detach().item())
             del video, scores, loss
+        reward, loss = self.dist.average_gradients(self.lora.parameters(), sum(rewards) / len(rewards),
+                                                   sum(losses) / len(losses))
+        if not math.isfinite(loss):
+            raise _NonFinite(f"the loss is {loss} at step {step + 1}")
         params = [p for p in self.lora.parameters() if p.grad is not None]
         limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
         if not math.isfinite(grad_norm):
             raise _NonFinite(f"the gradient norm is {grad_norm} at step {step + 1}")
-        self.optimizer.step()
-        return sum(rewards) / len(rewards), sum(losses) / len(losses), grad_norm
+        with critical():  # a stop signal waits for the whole update
+            self.optimizer.step()
+        return reward, loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self, pipe, bank: PromptBank, prompts: Sequence[str] | None = None) -> tuple[float, float]:
         """Mean reward and loss on the held-out prompts: same rollout, no graph, fixed seeds."""
         cfg = self.config
         prompts = list(self.eval_prompts if prompts is None else prompts)
-        scores = []
-        for start in range(0, len(prompts), cfg.batch_size):
-            batch = prompts[start:start + cfg.batch_size]
-            seeds = [cfg.seed + EVAL_SEED_OFFSET + start + i for i in range(len(batch))]
+        scores, mine = [], self.dist.shard(len(prompts))  # ranks: prompt i on rank i mod N, gathered below
+        for start in range(0, len(mine), cfg.batch_size):
+            batch = [prompts[i] for i in mine[start:start + cfg.batch_size]]
+            seeds = [cfg.seed + EVAL_SEED_OFFSET + i for i in mine[start:start + cfg.batch_size]]
             uncond = bank.uncond(len(batch)) if cfg.guidance_scale > 1 else None
             video = rollout_video(pipe, self.settings, bank.cond(batch), uncond, seeds, (),
                                   step_callback=self._sampling_callback())
-            scores.append(video_rewards(self.reward, video, batch, cfg.num_sampled_frames))
-        scores = torch.cat(scores)
+            scores.append(frame_rewards(self.reward, video, batch, cfg.num_sampled_frames))
+        scores = self.dist.gather_rows(mine, scores, len(prompts))
         return scores.mean().item(), reward_loss(scores, cfg.max_reward, cfg.loss_scale).item()
 
     def _record_eval(self, pipe, bank: PromptBank) -> tuple[float, bool]:
@@ -305,17 +314,18 @@ class RewardLoRATrainer:
 
     def save(self, stop_reason: str = "") -> Path | None:
         """The LoRA, its sidecar and the optimizer state (for an exact resume) to `output_path`."""
-        if self.output_path is None:
+        if self.output_path is None or not self.dist.is_main:
             return None
         self.state.stop_reason = stop_reason
-        moments = optimizer_tensors(self.lora.named_factors(), self.optimizer) if self.optimizer is not None else None
-        self.saved_path = save_checkpoint(self.output_path, self.lora.to_weights(), self.state, self._extra(),
-                                          self.save_dtype, optimizer_state=moments)
+        with critical():  # a stop signal waits until the files are complete
+            moments = optimizer_tensors(self.lora.named_factors(), self.optimizer) if self.optimizer is not None else None
+            self.saved_path = save_checkpoint(self.output_path, self.lora.to_weights(), self.state, self._extra(),
+                                              self.save_dtype, optimizer_state=moments)
         return self.saved_path
 
     def _save_best(self) -> None:
         """The current LoRA as the best held-out one (no optimizer state: it is for use, not resume)."""
-        if self.output_path is None:
+        if self.output_path is None or not self.dist.is_main:
             return
         target = best_path(self.output_path)
         state = dataclasses.replace(self.state, stop_reason=f"best held-out evaluation so far (step {self.state.step})")
