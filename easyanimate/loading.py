@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from .keymap import convert_original_state_dict, is_original_state_dict
-from .memory import ModulePlacement
+from .memory import DEFAULT_RESIDENT_BLOCKS, ModulePlacement
 from .original_format import (is_original_transformer_config, is_original_vae_config, translate_transformer_config,
                               translate_vae_config)
 from .model import EasyAnimatePipe
@@ -183,8 +183,10 @@ def _load_tokenizer(folder: Path):
 
 
 def load_pipe(folder: str | os.PathLike, precision: str = "bf16", memory_mode: str = "model_cpu_offload",
-              device: torch.device | str = "cpu", offload_device: torch.device | str = "cpu") -> EasyAnimatePipe:
-    """Load every component of an EasyAnimate model folder and place them for `memory_mode`."""
+              device: torch.device | str = "cpu", offload_device: torch.device | str = "cpu",
+              resident_blocks: int = DEFAULT_RESIDENT_BLOCKS) -> EasyAnimatePipe:
+    """Load every component of an EasyAnimate model folder and place them for `memory_mode`
+    (`resident_blocks`: transformer blocks kept on the device under "block_swap")."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
@@ -210,7 +212,7 @@ def load_pipe(folder: str | os.PathLike, precision: str = "bf16", memory_mode: s
     for module in (transformer, vae, text_encoder, text_encoder_2):
         if module is not None:
             module.requires_grad_(False)
-    placement = ModulePlacement(memory_mode, device, offload_device)
+    placement = ModulePlacement(memory_mode, device, offload_device, resident_blocks=resident_blocks)
     placement.prepare({"transformer": transformer, "vae": vae, "text_encoder": text_encoder,
                        "text_encoder_2": text_encoder_2})
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
@@ -218,7 +220,7 @@ def load_pipe(folder: str | os.PathLike, precision: str = "bf16", memory_mode: s
         folder=str(root), version=layout.version, transformer=transformer, vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2, scheduler_config=scheduler_config, dtype=dtype, placement=placement,
-        options={"precision": precision, "memory_mode": memory_mode},
+        options={"precision": precision, "memory_mode": memory_mode, "resident_blocks": resident_blocks},
     )
 
 
