@@ -159,6 +159,8 @@ class _BlockSwap:
         self._slots = [_block_tensors(b) for b in self.swapped]
         self._home: dict[int, list[torch.Tensor]] = {}  # index -> CPU tensors while the block is in
         self._prefetched: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self._held: set[int] = set()  # blocks in for their backward (gradient checkpointing re-runs
+        # their forward inside it, whose forward hook must not send them out)
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self._cuda else None
         self.moves_in = self.moves_out = 0
@@ -168,9 +170,9 @@ class _BlockSwap:
         for i, block in enumerate(self.swapped):
             self._handles += [
                 block.register_forward_pre_hook(lambda m, a, i=i: self.bring_in(i)),
-                block.register_forward_hook(lambda m, a, o, i=i: self.send_out(i)),
-                block.register_full_backward_pre_hook(lambda m, g, i=i: self.bring_in(i, prefetch=False)),
-                block.register_full_backward_hook(lambda m, gi, go, i=i: self.send_out(i)),
+                block.register_forward_hook(lambda m, a, o, i=i: self._after_forward(i)),
+                block.register_full_backward_pre_hook(lambda m, g, i=i: self._hold_for_backward(i)),
+                block.register_full_backward_hook(lambda m, gi, go, i=i: self._after_backward(i)),
             ]
 
     def owns(self, module: nn.Module) -> bool:
@@ -216,6 +218,18 @@ class _BlockSwap:
             event.record(self._stream)
         self._prefetched[j] = (tensors, event)
 
+    def _after_forward(self, i: int) -> None:
+        if i not in self._held:
+            self.send_out(i)
+
+    def _hold_for_backward(self, i: int) -> None:
+        self.bring_in(i, prefetch=False)
+        self._held.add(i)
+
+    def _after_backward(self, i: int) -> None:
+        self._held.discard(i)
+        self.send_out(i)
+
     def send_out(self, i: int) -> None:
         home = self._home.pop(i, None)
         if home is None:
@@ -227,6 +241,7 @@ class _BlockSwap:
 
     def release(self) -> None:
         """Everything back home, prefetched copies dropped (the transformer leaves the device)."""
+        self._held.clear()
         for i in list(self._home):
             self.send_out(i)
         self._prefetched.clear()

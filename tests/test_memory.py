@@ -91,11 +91,14 @@ def test_block_swap_computes_the_same_video_as_mode_none(pipes, mode):
     assert torch.equal(videos["block_swap"], videos["none"])
 
 
-def test_block_swap_brings_blocks_back_for_backward_and_trains_like_mode_none(pipes):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_swap_brings_blocks_back_for_backward_and_trains_like_mode_none(pipes, checkpointing):
     from easyanimate_reward.training.lora_layers import LoraLayers
 
     grads = {}
     for name, pipe in pipes.items():
+        if checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
         lora = LoraLayers(pipe.transformer, rank=2, alpha=2.0, seed=0)
         with torch.no_grad():
             for p in lora.up:
@@ -109,15 +112,21 @@ def test_block_swap_brings_blocks_back_for_backward_and_trains_like_mode_none(pi
             text = torch.randn(1, 5, t.config.text_embed_dim, generator=g)
             swap = pipe.placement.block_swap
             before = None if swap is None else swap.moves_in
+            spy = None if swap is None else BlockSpy(t, swap)
             with pipe.placement.use(t):
                 out = t(x, torch.tensor([500.0]), encoder_hidden_states=text, inpaint_latents=inpaint,
                         return_dict=False)[0]
                 out.square().mean().backward()
             if swap is not None:
-                assert swap.moves_in - before == 2 and swap.moves_out == swap.moves_in  # forward + backward
+                spy.remove()
+                # in for the forward, out, in again for the backward (and its recomputed forward), out
+                assert swap.moves_in - before == 2 and swap.moves_out == swap.moves_in and not swap._home
+                recomputed = [(1, True), (0, False)] if checkpointing else []  # backward runs last block first
+                assert [(i, is_in) for i, is_in, _ in spy.seen] == [(0, False), (1, True)] + recomputed
             grads[name] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lora.parameters()]
         finally:
             lora.detach()
+            pipe.transformer.disable_gradient_checkpointing()
     assert any(g.abs().sum() > 0 for g in grads["none"])
     # the backward hooks change the order in which autograd sums some gradients: 6e-11 measured
     assert all(torch.allclose(a, b, rtol=0, atol=1e-9) for a, b in zip(grads["none"], grads["block_swap"]))
