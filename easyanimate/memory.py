@@ -100,16 +100,25 @@ def quantize_linears_to_float8(module: nn.Module, skip_patterns: tuple[str, ...]
 
 
 class _SequentialOffloadHooks:
-    """Moves a leaf module's own parameters and buffers in before its forward and out after it."""
+    """Moves a leaf module's own parameters and buffers in before its forward and out after it
+    (telling the move listeners, e.g. the LoRA patcher, before and after)."""
 
-    def __init__(self, device: torch.device, offload_device: torch.device):
-        self.device, self.offload_device = device, offload_device
+    def __init__(self, device: torch.device, offload_device: torch.device, listeners: list):
+        self.device, self.offload_device, self.listeners = device, offload_device, listeners
 
     def pre(self, module: nn.Module, args):
+        _notify(self.listeners, "moving_in", module)
         _move_own_tensors(module, self.device)
+        _notify(self.listeners, "moved_in", module)
 
     def post(self, module: nn.Module, args, output):
+        _notify(self.listeners, "moving_out", module)
         _move_own_tensors(module, self.offload_device)
+
+
+def _notify(listeners: list, event: str, module: nn.Module, skip=None) -> None:
+    for listener in listeners:
+        getattr(listener, event)(module, skip)
 
 
 def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
@@ -151,8 +160,8 @@ class _BlockSwap:
     while the current one computes; elsewhere the moves are plain `.to()` calls (no-ops when the
     compute device is the CPU, but still counted in `moves_in` / `moves_out` for tests)."""
 
-    def __init__(self, blocks: nn.ModuleList, resident: int, device: torch.device):
-        self.device = device
+    def __init__(self, blocks: nn.ModuleList, resident: int, device: torch.device, listeners: list):
+        self.device, self.listeners = device, listeners
         self.resident = max(0, min(int(resident), len(blocks)))
         self.swapped = list(blocks)[self.resident:]
         self._ids = {id(b) for b in self.swapped}
@@ -192,6 +201,7 @@ class _BlockSwap:
     def bring_in(self, i: int, prefetch: bool = True) -> None:
         if i in self._home:  # already in (a backward right after its forward, nested calls)
             return
+        _notify(self.listeners, "moving_in", self.swapped[i])
         with torch.inference_mode(False):
             fetched = self._prefetched.pop(i, None)
             if fetched is not None:
@@ -204,6 +214,7 @@ class _BlockSwap:
             self._home[i] = [store[name] for store, name in self._slots[i]]
             for (store, name), t in zip(self._slots[i], tensors):
                 _set(store, name, t)
+        _notify(self.listeners, "moved_in", self.swapped[i])
         self.moves_in += 1
         if prefetch and self._cuda and len(self.swapped) > 1:
             self._prefetch((i + 1) % len(self.swapped))
@@ -234,6 +245,7 @@ class _BlockSwap:
         home = self._home.pop(i, None)
         if home is None:
             return
+        _notify(self.listeners, "moving_out", self.swapped[i])
         with torch.inference_mode(False):
             for (store, name), t in zip(self._slots[i], home):
                 _set(store, name, t)  # weights are not written in a forward: drop the device copy
@@ -285,10 +297,30 @@ class ModulePlacement:
         self.resident_blocks = int(resident_blocks)
         self.block_swap: _BlockSwap | None = None
         self._swapped_module: nn.Module | None = None
+        self._move_listeners: list = []  # told before/after each move in and before each move out
+        # Fused LoRAs are merged on the device as weights move in (easyanimate/lora_patch.py)
+        # whenever the weights rest elsewhere; True forces it where compute and offload device are
+        # one (tests and RAM benchmarks on the CPU: the "device" copy is then a second CPU tensor).
+        self.force_patch_on_move = False
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
         self._hooks: list = []
         self._depth: dict[int, int] = {}  # id(module) -> nesting depth of use()
+
+    @property
+    def patches_on_move(self) -> bool:
+        """Whether a fused LoRA should be merged into device copies as weights move in, leaving the
+        resting (CPU) weights untouched: every mode whose weights rest off the compute device."""
+        if self.mode == "none":
+            return False
+        return self.force_patch_on_move or self.device != self.offload_device
+
+    def add_move_listener(self, listener) -> None:
+        """`listener.moving_in(module, skip)`, `.moved_in(module, skip)`, `.moving_out(module, skip)`
+        are called around every move of a module, streamed block or leaf (skip: a predicate naming
+        sub-modules that do not move with it)."""
+        if listener not in self._move_listeners:
+            self._move_listeners.append(listener)
 
     @property
     def offloads_whole_modules(self) -> bool:
@@ -313,11 +345,11 @@ class ModulePlacement:
             blocks = getattr(transformer, "transformer_blocks", None)
             if not isinstance(blocks, nn.ModuleList):
                 raise ValueError("block_swap needs a transformer with a transformer_blocks list")
-            self.block_swap = _BlockSwap(blocks, self.resident_blocks, self.device)
+            self.block_swap = _BlockSwap(blocks, self.resident_blocks, self.device, self._move_listeners)
             self._swapped_module = transformer
 
     def _install_sequential_hooks(self, module: nn.Module) -> None:
-        hooks = _SequentialOffloadHooks(self.device, self.offload_device)
+        hooks = _SequentialOffloadHooks(self.device, self.offload_device, self._move_listeners)
         for sub in module.modules():
             has_own = any(True for _ in sub.parameters(recurse=False)) or any(
                 b is not None for b in sub._buffers.values()
@@ -342,17 +374,20 @@ class ModulePlacement:
         """Module on the compute device for the duration of the block (no-op unless whole-module
         offload). Reentrant: only the outermost block moves the module, so a trainer can hold the
         transformer in across forward and backward while the sampler's own blocks nest inside."""
-        if module is None or not self.offloads_whole_modules or self.device == self.offload_device:
-            yield
+        if module is None or not self.offloads_whole_modules or not self.patches_on_move:
+            yield  # nothing moves (also: compute and offload device are one)
             return
         key = id(module)
         depth = self._depth.get(key, 0)
         swap = self.block_swap if module is self._swapped_module else None
+        skip = None if swap is None else swap.owns
         if depth == 0:
+            _notify(self._move_listeners, "moving_in", module, skip)
             if swap is not None:
                 _move_except(module, self.device, swap)
             else:
                 _move(module, self.device)
+            _notify(self._move_listeners, "moved_in", module, skip)
         self._depth[key] = depth + 1
         try:
             yield
@@ -360,6 +395,7 @@ class ModulePlacement:
             self._depth[key] -= 1
             if self._depth[key] == 0:
                 del self._depth[key]
+                _notify(self._move_listeners, "moving_out", module, skip)
                 if swap is not None:
                     swap.release()
                     _move_except(module, self.offload_device, swap)

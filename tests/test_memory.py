@@ -144,3 +144,37 @@ def test_qfloat8_keeps_the_layers_the_model_keeps_in_high_precision():
     assert converted == len(linears) - len(kept) and "transformer_blocks.0.attn1.to_q" not in kept
     # kept Linears still compute in their own dtype, converted ones upcast
     assert all(m.weight.dtype == torch.float32 for p, m in linears.items() if p in kept)
+
+
+@pytest.mark.parametrize("mode", ["model_cpu_offload", "model_cpu_offload_and_qfloat8", "sequential_cpu_offload",
+                                  "block_swap"])
+def test_fused_lora_under_offload_patches_device_copies_and_keeps_only_the_originals_in_ram(tiny_models, mode):
+    """Weights rest in RAM unpatched (no backups); each move-in merges into the device copy. On
+    the CPU the "device copy" is a second CPU tensor (force_patch_on_move); on a GPU it is VRAM."""
+    reference = load_pipe(tiny_models["v5.1"], "fp32", mode, resident_blocks=1)  # patches in place (CPU only)
+    pipe = load_pipe(tiny_models["v5.1"], "fp32", mode, resident_blocks=1)
+    pipe.placement.force_patch_on_move = True
+    resting = {p: m.weight for p, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    original = {p: w.detach().clone() for p, w in resting.items()}
+    weights, _ = random_lora(pipe.transformer, seed=5)
+    request = SampleRequest("a cat", seed=6, **SMALL)
+    seen = []
+    q = pipe.transformer.transformer_blocks[1].attn1.to_q
+    handle = q.register_forward_pre_hook(lambda m, a: seen.append(m.weight.detach().clone()))
+    try:
+        videos = [sample_video(EasyAnimateModel(p).with_lora(weights, 0.8, "l"), request) for p in (reference, pipe)]
+    finally:
+        handle.remove()
+    patcher = pipe.lora_patcher
+    assert patcher.patch_on_move and patcher.backup_bytes == 0 and not patcher._moved
+    assert torch.equal(videos[0], videos[1])
+    ref_q = reference.transformer.transformer_blocks[1].attn1.to_q.weight
+    assert seen and all(torch.equal(w, ref_q) for w in seen)  # each forward saw the patched weight
+    for path, w in resting.items():  # at rest: the very same tensors, unpatched
+        m = pipe.transformer.get_submodule(path)
+        assert torch.equal(m.weight.detach(), original[path]), path
+    # a strength change and removal: no work on the resting weights, same results as in place
+    videos = [sample_video(EasyAnimateModel(p).with_lora(weights, -0.4, "l"), request) for p in (reference, pipe)]
+    assert torch.equal(videos[0], videos[1])
+    plain = [sample_video(EasyAnimateModel(p), request) for p in (reference, pipe)]
+    assert torch.equal(plain[0], plain[1])
