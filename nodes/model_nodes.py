@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..easyanimate.loading import PRECISIONS
-from ..easyanimate.memory import MEMORY_MODES
+from ..easyanimate.memory import DEFAULT_RESIDENT_BLOCKS, MEMORY_MODES
 from ..easyanimate.model import EasyAnimateModel
 from ..easyanimate.sampling import SCHEDULER_CHOICES, SampleRequest, check_video_size, sample_video
 from .common import PIPES, model_folder_names, progress_callback, resolve_model_folder
@@ -30,15 +30,20 @@ class EasyAnimateModelLoader(io.ComfyNode):
                 io.Combo.Input("gpu_memory_mode", options=list(MEMORY_MODES), default="model_cpu_offload",
                                tooltip="none: all on the GPU. model_cpu_offload: each part on the GPU only while used. "
                                        "model_cpu_offload_and_qfloat8: also stores transformer Linear weights in fp8 "
-                                       "(half the VRAM, small quality cost). sequential_cpu_offload: layer by layer "
-                                       "(least VRAM, slowest)."),
+                                       "(half the VRAM, small quality cost; norm modulation and proj_out stay in the "
+                                       "compute dtype). sequential_cpu_offload: layer by layer (least VRAM, slowest). "
+                                       "block_swap: resident_blocks transformer blocks stay on the GPU, the rest stream "
+                                       "from pinned RAM with prefetch (faster than sequential)."),
+                io.Int.Input("resident_blocks", default=DEFAULT_RESIDENT_BLOCKS, min=0, max=256, optional=True,
+                             tooltip="block_swap only: transformer blocks kept on the GPU (12b has 48, 7b 36); "
+                                     "more is faster and needs more VRAM."),
             ],
             outputs=[EasyAnimateModelType.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model, precision, gpu_memory_mode) -> io.NodeOutput:
-        pipe = PIPES.get(resolve_model_folder(model), precision, gpu_memory_mode)
+    def execute(cls, model, precision, gpu_memory_mode, resident_blocks=DEFAULT_RESIDENT_BLOCKS) -> io.NodeOutput:
+        pipe = PIPES.get(resolve_model_folder(model), precision, gpu_memory_mode, resident_blocks)
         return io.NodeOutput(EasyAnimateModel(pipe))
 
 
