@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from .keymap import convert_original_state_dict, is_original_state_dict
-from .memory import DEFAULT_RESIDENT_BLOCKS, ModulePlacement
+from .memory import ModulePlacement
 from .original_format import (is_original_transformer_config, is_original_vae_config, translate_transformer_config,
                               translate_vae_config)
 from .model import EasyAnimatePipe
@@ -184,9 +184,9 @@ def _load_tokenizer(folder: Path):
 
 def load_pipe(folder: str | os.PathLike, precision: str = "bf16", memory_mode: str = "model_cpu_offload",
               device: torch.device | str = "cpu", offload_device: torch.device | str = "cpu",
-              resident_blocks: int = DEFAULT_RESIDENT_BLOCKS) -> EasyAnimatePipe:
+              resident_blocks: int | None = None) -> EasyAnimatePipe:
     """Load every component of an EasyAnimate model folder and place them for `memory_mode`
-    (`resident_blocks`: transformer blocks kept on the device under "block_swap")."""
+    (`resident_blocks`: transformer blocks kept on the device under plain "block_swap")."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]

@@ -10,8 +10,8 @@
   `_skip_layerwise_casting_patterns`).
 - "sequential_cpu_offload": leaf modules move to the compute device one at a time, in a hook
   around their forward. Weights stay real CPU tensors (never meta), so LoRA patching keeps working.
-- "block_swap": as model_cpu_offload, except that only the first `resident_blocks` transformer
-  blocks (and the transformer's small non-block parts) move in with the transformer; the other
+- "block_swap_N" (N in BLOCK_SWAP_RESIDENT; "block_swap" + resident_blocks from Python): as
+  model_cpu_offload, except that only the first N (`resident_blocks`) transformer blocks (and the transformer's small non-block parts) move in with the transformer; the other
   blocks stay in (pinned, on CUDA) CPU memory and stream in per forward, the next one prefetched
   on a side stream while the current one computes (`_BlockSwap`). Much faster than sequential
   offload (one copy per block instead of per leaf, overlapped with compute), far less VRAM than
@@ -39,9 +39,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MEMORY_MODES = ("none", "model_cpu_offload", "model_cpu_offload_and_qfloat8", "sequential_cpu_offload", "block_swap")
-# block_swap: how many transformer blocks stay on the compute device while the transformer is in use
-DEFAULT_RESIDENT_BLOCKS = 8
+# block_swap_N: N transformer blocks stay on the compute device while the transformer is in use
+BLOCK_SWAP_RESIDENT = (8, 16, 24, 32)
+MEMORY_MODES = ("none", "model_cpu_offload", "model_cpu_offload_and_qfloat8", "sequential_cpu_offload") + tuple(
+    f"block_swap_{n}" for n in BLOCK_SWAP_RESIDENT)
+DEFAULT_RESIDENT_BLOCKS = 8  # plain "block_swap" (Python API) without resident_blocks
+
+
+def parse_memory_mode(mode: str, resident_blocks: int | None = None) -> tuple[str, int | None]:
+    """("block_swap", N) for "block_swap_N" (or "block_swap" + resident_blocks); (mode, None) else."""
+    match = re.fullmatch(r"block_swap(?:_(\d+))?", str(mode))
+    if match:
+        if match.group(1) is not None:
+            return "block_swap", int(match.group(1))
+        return "block_swap", DEFAULT_RESIDENT_BLOCKS if resident_blocks is None else int(resident_blocks)
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"unknown GPU memory mode {mode!r}; choose one of {', '.join(MEMORY_MODES)}")
+    return mode, None
 FLOAT8 = torch.float8_e4m3fn
 
 
@@ -288,13 +302,12 @@ class ModulePlacement:
     """Applies one GPU memory mode to a set of modules; `use(module)` brings one in while needed."""
 
     def __init__(self, mode: str, device: torch.device | str, offload_device: torch.device | str = "cpu",
-                 resident_blocks: int = DEFAULT_RESIDENT_BLOCKS):
-        if mode not in MEMORY_MODES:
-            raise ValueError(f"unknown GPU memory mode {mode!r}; choose one of {', '.join(MEMORY_MODES)}")
-        if int(resident_blocks) < 0:
-            raise ValueError(f"resident_blocks must be 0 or more, got {resident_blocks}")
-        self.mode = mode
-        self.resident_blocks = int(resident_blocks)
+                 resident_blocks: int | None = None):
+        mode, resident = parse_memory_mode(mode, resident_blocks)
+        if resident is not None and resident < 0:
+            raise ValueError(f"resident_blocks must be 0 or more, got {resident}")
+        self.mode = mode  # "block_swap_N" becomes mode "block_swap" with resident_blocks N
+        self.resident_blocks = resident
         self.block_swap: _BlockSwap | None = None
         self._swapped_module: nn.Module | None = None
         self._move_listeners: list = []  # told before/after each move in and before each move out

@@ -15,7 +15,6 @@ import comfy.utils
 import folder_paths
 
 from ..easyanimate.loading import load_pipe
-from ..easyanimate.memory import DEFAULT_RESIDENT_BLOCKS
 from ..fileio import confined_path
 from ..easyanimate.model import EasyAnimateModel, EasyAnimatePipe
 from ..training.checkpoint import is_optimizer_file
@@ -77,11 +76,9 @@ class PipeCache:
     def _alive(self) -> EasyAnimatePipe | None:
         return None if self._pipe_ref is None else self._pipe_ref()
 
-    def get(self, folder: str, precision: str, memory_mode: str,
-            resident_blocks: int = DEFAULT_RESIDENT_BLOCKS) -> EasyAnimatePipe:
+    def get(self, folder: str, precision: str, memory_mode: str) -> EasyAnimatePipe:
         stat = os.stat(os.path.join(folder, "transformer", "config.json"))
-        resident_blocks = int(resident_blocks) if memory_mode == "block_swap" else DEFAULT_RESIDENT_BLOCKS
-        key = (os.path.realpath(folder), stat.st_mtime_ns, precision, memory_mode, resident_blocks)
+        key = (os.path.realpath(folder), stat.st_mtime_ns, precision, memory_mode)
         with self._lock:
             pipe = self._alive()
             if key == self._key and pipe is not None:
@@ -94,7 +91,7 @@ class PipeCache:
             # inference tensors, which autograd refuses to save, and reward training needs to.
             with torch.inference_mode(False):
                 pipe = load_pipe(folder, precision, memory_mode, device=mm.get_torch_device(),
-                                 offload_device=mm.unet_offload_device(), resident_blocks=resident_blocks)
+                                 offload_device=mm.unet_offload_device())
             self.loads += 1
             self._pipe_ref, self._key = weakref.ref(pipe), key
             host_memory.register(pipe)  # ComfyUI's free_memory / unload_all_models evict it too

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..easyanimate.loading import PRECISIONS
-from ..easyanimate.memory import DEFAULT_RESIDENT_BLOCKS, MEMORY_MODES
+from ..easyanimate.memory import MEMORY_MODES
 from ..easyanimate.model import EasyAnimateModel
 from ..easyanimate.sampling import SCHEDULER_CHOICES, SampleRequest, check_video_size, sample_video
 from .common import PIPES, model_folder_names, progress_callback, resolve_model_folder
@@ -32,18 +32,15 @@ class EasyAnimateModelLoader(io.ComfyNode):
                                        "model_cpu_offload_and_qfloat8: also stores transformer Linear weights in fp8 "
                                        "(half the VRAM, small quality cost; norm modulation and proj_out stay in the "
                                        "compute dtype). sequential_cpu_offload: layer by layer (least VRAM, slowest). "
-                                       "block_swap: resident_blocks transformer blocks stay on the GPU, the rest stream "
-                                       "from pinned RAM with prefetch (faster than sequential)."),
-                io.Int.Input("resident_blocks", default=DEFAULT_RESIDENT_BLOCKS, min=0, max=256, optional=True,
-                             tooltip="block_swap only: transformer blocks kept on the GPU (12b has 48, 7b 36); "
-                                     "more is faster and needs more VRAM."),
+                                       "block_swap_N: N transformer blocks stay on the GPU, the rest stream from "
+                                       "pinned RAM with prefetch (12b has 48 blocks, 7b 36; faster than sequential)."),
             ],
             outputs=[EasyAnimateModelType.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model, precision, gpu_memory_mode, resident_blocks=DEFAULT_RESIDENT_BLOCKS) -> io.NodeOutput:
-        pipe = PIPES.get(resolve_model_folder(model), precision, gpu_memory_mode, resident_blocks)
+    def execute(cls, model, precision, gpu_memory_mode) -> io.NodeOutput:
+        pipe = PIPES.get(resolve_model_folder(model), precision, gpu_memory_mode)
         return io.NodeOutput(EasyAnimateModel(pipe))
 
 

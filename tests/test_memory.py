@@ -7,7 +7,13 @@ import torch
 
 from easyanimate_reward.easyanimate.loading import load_pipe
 from easyanimate_reward.easyanimate.lora_format import weights_from_tensors
-from easyanimate_reward.easyanimate.memory import FLOAT8, MEMORY_MODES, float8_skip_patterns, quantize_linears_to_float8
+from easyanimate_reward.easyanimate.memory import (
+    FLOAT8,
+    MEMORY_MODES,
+    ModulePlacement,
+    float8_skip_patterns,
+    quantize_linears_to_float8,
+)
 from easyanimate_reward.easyanimate.model import EasyAnimateModel
 from easyanimate_reward.easyanimate.sampling import SampleRequest, sample_video
 from easyanimate_reward.easyanimate.tiny import build_tiny_transformer
@@ -54,7 +60,10 @@ def test_block_swap_streams_the_swapped_blocks_and_each_forward_sees_the_patched
     pipe = pipes["block_swap"]
     swap = pipe.placement.block_swap
     assert swap is not None and swap.resident == 1 and len(swap.swapped) == 1
-    assert "block_swap" in MEMORY_MODES
+    assert [m for m in MEMORY_MODES if m.startswith("block_swap")] == ["block_swap_8", "block_swap_16",
+                                                                      "block_swap_24", "block_swap_32"]
+    placement = ModulePlacement("block_swap_16", "cpu")
+    assert (placement.mode, placement.resident_blocks) == ("block_swap", 16)
     block1 = pipe.transformer.transformer_blocks[1]
     base_q = block1.attn1.to_q.weight.detach().clone()
     weights, tensors = random_lora(pipe.transformer)
