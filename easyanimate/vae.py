@@ -120,13 +120,15 @@ def plan_vae(vae, batch: int, height: int, width: int, frames: int, dtype: torch
         return VaePlan(slice_batch=True)
     spatial, _ = _ratios(vae)
     largest = max(height, width) // spatial
+    if largest <= MIN_TILE_LATENT:  # too small for tiles to save anything
+        return VaePlan(slice_batch=slice_batch)
     tile = largest
     while tile > MIN_TILE_LATENT:
         candidate = _tiled(tile, slice_batch)
         if fits(candidate):
             return candidate
         tile = max(MIN_TILE_LATENT, int(tile * 0.85))
-    return _tiled(min(MIN_TILE_LATENT, largest), slice_batch)
+    return _tiled(MIN_TILE_LATENT, slice_batch)
 
 
 def _tiled(tile: int, slice_batch: bool) -> VaePlan:
