@@ -12,8 +12,9 @@
   around their forward. Weights stay real CPU tensors (never meta), so LoRA patching keeps working.
 - "block_swap_N" (N in BLOCK_SWAP_RESIDENT; "block_swap" + resident_blocks from Python): as
   model_cpu_offload, except that only the first N (`resident_blocks`) transformer blocks (and
-  the transformer's small non-block parts) move in with the transformer; the other blocks stay in (pinned, on CUDA) CPU memory and stream in per forward, the next one prefetched
-  on a side stream while the current one computes (`_BlockSwap`). Much faster than sequential
+  the transformer's small non-block parts) move in with the transformer; the other blocks stay in (pinned,
+  on CUDA) CPU memory and stream in per forward, the next one prefetched on a side stream while
+  the current one computes (`_BlockSwap`). Much faster than sequential
   offload (one copy per block instead of per leaf, overlapped with compute), far less VRAM than
   model_cpu_offload.
 
