@@ -209,8 +209,10 @@ def _load_tokenizer(folder: Path):
 
 
 def load_pipe(folder: str | os.PathLike, precision: str = "bf16", memory_mode: str = "model_cpu_offload",
-              device: torch.device | str = "cpu", offload_device: torch.device | str = "cpu") -> EasyAnimatePipe:
-    """Load every component of an EasyAnimate model folder and place them for `memory_mode`."""
+              device: torch.device | str = "cpu", offload_device: torch.device | str = "cpu",
+              resident_blocks: int | None = None) -> EasyAnimatePipe:
+    """Load every component of an EasyAnimate model folder and place them for `memory_mode`
+    (`resident_blocks`: transformer blocks kept on the device under plain "block_swap")."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
@@ -236,7 +238,7 @@ def load_pipe(folder: str | os.PathLike, precision: str = "bf16", memory_mode: s
     for module in (transformer, vae, text_encoder, text_encoder_2):
         if module is not None:
             module.requires_grad_(False)
-    placement = ModulePlacement(memory_mode, device, offload_device)
+    placement = ModulePlacement(memory_mode, device, offload_device, resident_blocks=resident_blocks)
     placement.prepare({"transformer": transformer, "vae": vae, "text_encoder": text_encoder,
                        "text_encoder_2": text_encoder_2})
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
@@ -244,7 +246,7 @@ def load_pipe(folder: str | os.PathLike, precision: str = "bf16", memory_mode: s
         folder=str(root), version=layout.version, transformer=transformer, vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2, scheduler_config=scheduler_config, dtype=dtype, placement=placement,
-        options={"precision": precision, "memory_mode": memory_mode},
+        options={"precision": precision, "memory_mode": memory_mode, "resident_blocks": resident_blocks},
     )
 
 

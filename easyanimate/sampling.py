@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .cancel import check_cancel
 from .model import EasyAnimateModel, EasyAnimatePipe
 from .text import TextConditioning, encode_prompts
+from .vae import vae_budget, vae_decode, vae_encode_mode
 
 LATENT_CHANNELS = 16
 INPAINT_NOISE_RATIO = 0.0563  # diffusers' EasyAnimate default noise augmentation of the start image
@@ -134,7 +135,8 @@ def inpaint_condition(pipe: EasyAnimatePipe, shape, frames: int, start_images: t
                              for s in seeds]).to(device)
         video = torch.where(video == -1, video, video + INPAINT_NOISE_RATIO * noise)
     with pipe.placement.use(vae):
-        masked_latents = vae.encode(video.to(dtype))[0].mode() * vae.config.scaling_factor
+        masked_latents = vae_encode_mode(vae, video.to(dtype), budget_bytes=vae_budget(pipe))
+        masked_latents = masked_latents * vae.config.scaling_factor
     mask_latents = _resize_first_frame_apart(keep, masked_latents.shape[2:]) * vae.config.scaling_factor
     return torch.cat([mask_latents.to(dtype), masked_latents.to(dtype)], dim=1)
 
@@ -200,7 +202,7 @@ def decode_latents(pipe: EasyAnimatePipe, latents: torch.Tensor, num_latents: in
     if num_latents is not None:
         latents = latents[:, :, :num_latents]
     with pipe.placement.use(vae):
-        video = vae.decode((latents / vae.config.scaling_factor).to(pipe.dtype), return_dict=False)[0]
+        video = vae_decode(vae, (latents / vae.config.scaling_factor).to(pipe.dtype), budget_bytes=vae_budget(pipe))
     return (video.float() / 2 + 0.5).clamp(0, 1)
 
 

@@ -18,6 +18,7 @@ from ..easyanimate.loading import load_pipe
 from ..fileio import confined_path
 from ..easyanimate.model import EasyAnimateModel, EasyAnimatePipe
 from ..training.checkpoint import is_optimizer_file
+from . import host_memory
 
 EASYANIMATE_FOLDER = "easyanimate"      # models/EasyAnimate/<model folder>/
 REWARD_FOLDER = "reward_models"         # models/reward_models/
@@ -81,6 +82,7 @@ class PipeCache:
         with self._lock:
             pipe = self._alive()
             if key == self._key and pipe is not None:
+                host_memory.register(pipe)  # again, if the host unloaded it meanwhile
                 return pipe
             del pipe
             self.release()
@@ -92,6 +94,7 @@ class PipeCache:
                                  offload_device=mm.unet_offload_device())
             self.loads += 1
             self._pipe_ref, self._key = weakref.ref(pipe), key
+            host_memory.register(pipe)  # ComfyUI's free_memory / unload_all_models evict it too
             return pipe
 
     def release(self) -> None:

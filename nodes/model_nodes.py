@@ -30,8 +30,10 @@ class EasyAnimateModelLoader(io.ComfyNode):
                 io.Combo.Input("gpu_memory_mode", options=list(MEMORY_MODES), default="model_cpu_offload",
                                tooltip="none: all on the GPU. model_cpu_offload: each part on the GPU only while used. "
                                        "model_cpu_offload_and_qfloat8: also stores transformer Linear weights in fp8 "
-                                       "(half the VRAM, small quality cost). sequential_cpu_offload: layer by layer "
-                                       "(least VRAM, slowest)."),
+                                       "(half the VRAM, small quality cost; norm modulation and proj_out stay in the "
+                                       "compute dtype). sequential_cpu_offload: layer by layer (least VRAM, slowest). "
+                                       "block_swap_N: N transformer blocks stay on the GPU, the rest stream from "
+                                       "pinned RAM with prefetch (12b has 48 blocks, 7b 36; faster than sequential)."),
             ],
             outputs=[EasyAnimateModelType.Output(display_name="model")],
         )

@@ -29,6 +29,7 @@ from dataclasses import fields
 
 import torch
 
+from ..easyanimate.memory import MEMORY_MODES
 from .config import BACKPROP_STRATEGIES, TrainConfig
 
 log = logging.getLogger("easyanimate_reward.training")
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "weights from its .optimizer.safetensors (exact resume; without it the moments restart)")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--memory-mode", default="model_cpu_offload",
-                        choices=["none", "model_cpu_offload", "model_cpu_offload_and_qfloat8"])
+                        choices=["none", "model_cpu_offload", "model_cpu_offload_and_qfloat8",
+                                 *(m for m in MEMORY_MODES if m.startswith("block_swap"))])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reward-dtype", default=None, help="reward weight dtype (default: the model precision)")
     parser.add_argument("--save-dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the LoRA file")
