@@ -107,7 +107,7 @@ def parse_optional_number(text: str | None, name: str) -> float | None:
     if not text:
         return None
     if not _NUMBER.fullmatch(text):
-        raise ValueError(f"{name} {text!r} must be a plain number such as 1 or 0.5, or empty")
+        raise ValueError(f"{name} {text!r} must be a finite plain number such as 1 or 0.5, or empty")
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"{name} {text!r} is too large (it is not a finite number)")

@@ -96,7 +96,7 @@ class RunLayout:
         return [self.lora, self.best, self.run_json, self.state]
 
     def existing(self) -> list[Path]:
-        return [p for p in (self.lora, self.best, self.folder) if p.exists() or p.is_symlink()]
+        return [p for p in (self.lora, self.best, self.folder) if _exists(p)]
 
     def numbered(self, counter: int) -> "RunLayout":
         suffix = f"_{counter:03d}"
@@ -127,6 +127,13 @@ class RunLayout:
             relative = lora.relative_to(loras_root).as_posix()[: -len(LORA_SUFFIX)]
             return cls(lora, base / "output" / RUNS_FOLDER / relative)
         return cls(lora, lora.parent / RUNS_FOLDER / _stem(lora))
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists() or path.is_symlink()
+    except OSError as e:  # e.g. a name too long for the filesystem
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 
 def _comfyui_loras_root(lora: Path) -> tuple[Path, Path] | None:
@@ -181,7 +188,7 @@ def run_id_of(layout: RunLayout) -> str | None:
     run_id = None if record is None else record.get("run_id")
     if not run_id or file_run_id(layout.lora) != run_id:
         return None
-    if layout.best.exists() and file_run_id(layout.best) != run_id:
+    if _exists(layout.best) and file_run_id(layout.best) != run_id:
         return None
     return run_id
 
