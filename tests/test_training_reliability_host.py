@@ -137,33 +137,39 @@ def test_runs_never_replace_files_and_keep_training_state_out_of_lora_lists(comf
     assert not run_files(comfy_server, "keep me_003")["folder"].exists()
 
 
-def test_bad_names_and_settings_are_refused_before_any_work(comfy_server):
-    loras = comfy_server.base / "models" / "loras"
-    cases = {
-        "x" * 240: "cannot write",  # the LoRA fits, its .best and temporary names do not
-        "/tmp/h1-absolute": "must be a relative path inside",
-        "~/h1-home": "must be a relative path inside",
-        "C:/h1-drive": "must be a relative path inside",
-    }
-    for name, message in cases.items():
-        graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(), "3": small_trainer(name, train_steps=2)}
-        err = history_error(comfy_server.run(graph))
-        assert err is not None and message in err, (name[:20], err)
+def refused(server, name, **overrides) -> str | None:
+    graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(), "3": small_trainer(name, **overrides)}
+    return history_error(server.run(graph))
+
+
+def leftovers(server, marker: str) -> list:
+    found = [p for p in (server.base / "models" / "loras").rglob("*") if marker in str(p)]
+    return found + [p for p in (server.base / "output" / "easyanimate_reward_runs").rglob("*") if marker in str(p)]
+
+
+def test_absolute_lora_names_are_refused(comfy_server):
+    for name in ("/tmp/h1-absolute", "~/h1-home", "C:/h1-drive"):
+        err = refused(comfy_server, name, train_steps=2)
+        assert err is not None and "must be a relative path inside" in err, (name, err)
+    assert not leftovers(comfy_server, "h1-"), "an absolute name became a subfolder"
+
+
+def test_an_unwritable_lora_name_is_refused_before_training(comfy_server):
+    name = "y" * 240  # the LoRA's name fits, its .best and temporary names do not
+    err = refused(comfy_server, name, train_steps=7)  # a step count no other test uses
+    assert err is not None and "cannot write" in err and ".best.safetensors" in err, err
+    assert "RewardLoRATrainer: step 1/7" not in comfy_server.log_tail(2_000_000)  # no rollout ran
+    assert not leftovers(comfy_server, "y" * 240)
+
+
+def test_non_finite_trainer_settings_are_refused_before_any_work(comfy_server):
     # NaN passes the host's own min/max check (every comparison with NaN is False).
-    settings = {"max_reward": "nan", "learning_rate": float("nan"), "loss_scale": float("nan")}
-    for key, value in settings.items():
-        graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(),
-                 "3": small_trainer(f"refused-{key}", **{key: value})}
-        err = history_error(comfy_server.run(graph))
+    for key, value in {"max_reward": "nan", "learning_rate": float("nan"), "loss_scale": float("nan")}.items():
+        err = refused(comfy_server, f"refused-{key}", **{key: value})
         assert err is not None and key in err and "finite" in err, (key, err)
-    graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(), "3": small_trainer("refused-huge", max_reward="1e400")}
-    err = history_error(comfy_server.run(graph))
-    assert err is not None and "max_reward" in err, err
-    written = [p for p in loras.rglob("*") if "h1-" in str(p) or "refused" in p.name or p.name.startswith("xxxx")]
-    runs = comfy_server.base / "output" / "easyanimate_reward_runs"
-    written += [p for p in runs.glob("*") if "refused" in p.name or p.name.startswith("xxxx") or "h1-" in p.name]
-    assert not written, written
-    assert not list((comfy_server.base / "models" / "loras").glob("tmp/**/*")), "an absolute name became a subfolder"
+    err = refused(comfy_server, "refused-huge", max_reward="1e400")
+    assert err is not None and "max_reward" in err and "finite" in err, err
+    assert not leftovers(comfy_server, "refused-")
 
 
 def test_save_merged_leaves_a_users_partial_folder_alone(comfy_server):
