@@ -121,20 +121,32 @@ def test_runs_never_replace_files_and_keep_training_state_out_of_lora_lists(comf
     graph["3"]["inputs"]["seed"] = 4
     assert history_error(comfy_server.run(graph)) is None
     assert run_files(comfy_server, "keep me_002")["lora"].is_file() and first["lora"].read_bytes() == kept
-    # No training state in models/loras, so none in the host's own LoraLoader list or in ours.
-    info = comfy_server.object_info()
-    native = info["LoraLoader"]["input"]["required"]["lora_name"][0]
-    assert "keep me_001.safetensors" in native
-    assert not [n for n in native if "optimizer" in n or "training_state" in n], native
-    assert not [p for p in loras.rglob("*") if p.is_file() and ("optimizer" in p.name or p.suffix == ".json")]
-    # Resume finds the state in the run folder and writes on into that run's own files.
+    # Resume of that run writes on into its own files.
     graph["3"] = small_trainer("keep me_001", train_steps=2, resume_from="keep me_001.safetensors")
     entry = comfy_server.run(graph)
     assert history_error(entry) is None, history_error(entry)
     record = json.loads(first["record"].read_text())
     assert record["step"] == 2 and record["history"]["step"] == [1, 2]
-    assert "restored AdamW state" in comfy_server.log_tail(200_000)
     assert not run_files(comfy_server, "keep me_003")["folder"].exists()
+
+
+def test_training_state_stays_out_of_the_hosts_lora_lists_and_resume_finds_it(comfy_server):
+    graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(), "3": small_trainer("listed/state run"),
+             "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}}}
+    entry = comfy_server.run(graph)
+    assert history_error(entry) is None, history_error(entry)
+    native = comfy_server.object_info()["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert "listed/state run.safetensors" in native
+    ours = [n for n in native if n.startswith("listed/")]
+    assert ours == ["listed/state run.safetensors"], ours  # the LoRA, and no training state
+    files = run_files(comfy_server, "listed/state run")
+    assert files["state"].is_file() and json.loads(files["record"].read_text())["state_file"] == files["state"].name
+    graph["3"] = small_trainer("listed/state run", train_steps=2, resume_from="listed/state run.safetensors")
+    entry = comfy_server.run(graph)
+    assert history_error(entry) is None, history_error(entry)
+    log = comfy_server.log_tail(2_000_000)
+    assert "restored AdamW state and float32 weights from" in log and str(files["state"]) in log
+    assert json.loads(files["record"].read_text())["step"] == 2
 
 
 def refused(server, name, **overrides) -> str | None:

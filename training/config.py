@@ -192,8 +192,6 @@ class TrainConfig:
             raise ValueError(f"num_sampled_frames {self.num_sampled_frames} exceeds the {available} frames that "
                              f"{self.num_decoded_latents} decoded latents give (1 + 4 (k - 1))")
         if self.target_modules:
-            import re
-
             try:
                 re.compile(self.target_modules)
             except re.error as e:

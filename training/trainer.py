@@ -14,7 +14,6 @@ its own files: run_layout.py.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -399,8 +398,9 @@ class RewardLoRATrainer:
         if self.layout is None:
             return
         target = self.layout.best
-        save_lora(target, self.lora.to_weights(), self.state, self.run_id, self.save_dtype,
-                  {"easyanimate_reward_best_step": str(self.state.step), "easyanimate_reward_best_of": self.layout.lora.name})
+        marks = {"easyanimate_reward_best_step": str(self.state.step),
+                 "easyanimate_reward_best_of": self.layout.lora.name}
+        save_lora(target, self.lora.to_weights(), self.state, self.run_id, self.save_dtype, marks)
         self.best_path = target
         write_run_record(self.layout, run_record(self.layout, self.state, self.run_id, self._extra()))
         log.info("new best held-out reward %.5g at step %d: saved %s", self.state.best_eval_reward,
