@@ -12,6 +12,7 @@ No ComfyUI imports here; torch and safetensors are imported only by the function
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,8 @@ from typing import Any
 
 # mkstemp creates files readable by the owner only; the files we write are ordinary data.
 FILE_MODE = 0o644
+# A Windows drive (C:, C:/x, C:x) or UNC start: absolute on the machine that runs the host.
+_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def _fsync_file(path: Path) -> None:
@@ -36,13 +39,23 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+# Names longer than this are shortened in temporary names, so that any final name the folder
+# accepts also has a temporary name it accepts (255 bytes on common filesystems).
+_TEMP_STEM_BYTES = 200
+
+
+def _temp_prefix(name: str) -> str:
+    stem = name.encode("utf-8")[:_TEMP_STEM_BYTES].decode("utf-8", "ignore")
+    return f".{stem}."
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to `path` to write to; on success it is renamed onto `path`
     (parent folders are created), on any exception it is removed and the exception re-raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -85,17 +98,17 @@ def torch_save_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 @contextmanager
 def atomic_folder(dest: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
-    """Yield an empty folder DEST.partial to fill; on success it is renamed onto `dest`, on any
-    exception it is removed. A DEST.partial left by an interrupted run is cleared first.
+    """Yield a new empty folder beside `dest` (a unique hidden temporary name) to fill; on success
+    it is renamed onto `dest`, on any exception it is removed. Only that temporary folder is ever
+    removed: a folder of the user's that happens to be called `DEST.partial` is never touched.
 
     An existing `dest` is replaced only with `replace=True`; otherwise FileExistsError names it
     (checked before the work starts and again before the rename)."""
     dest = Path(dest)
     if not replace and (dest.exists() or dest.is_symlink()):
         raise FileExistsError(f"{dest} already exists")
-    partial = dest.with_name(dest.name + ".partial")
-    _remove(partial)
-    partial.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest.name), suffix=".partial", dir=dest.parent))
     try:
         yield partial
         if dest.exists() or dest.is_symlink():
@@ -106,6 +119,27 @@ def atomic_folder(dest: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def probe_writable(path: str | os.PathLike) -> None:
+    """Raise OSError (naming `path`) unless `path` and the temporary names the atomic writers use
+    for it can be created in its folder (too long a name, a read-only folder, a file where a folder
+    should be...). Parent folders are created; nothing else is left behind, and an existing file
+    at `path` is not touched (only its folder's writability is checked)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+        if not (path.exists() or path.is_symlink()):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            os.close(fd)
+            os.unlink(path)
+        elif not os.access(path.parent, os.W_OK):
+            raise PermissionError(f"folder {path.parent} is not writable")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 
 def confined_path(root: str | os.PathLike, name: str, what: str = "name", plain_name: bool = False) -> Path:
@@ -120,8 +154,10 @@ def confined_path(root: str | os.PathLike, name: str, what: str = "name", plain_
     problem = None
     if not text or text in (".", ".."):
         problem = "it is empty"
-    elif os.path.isabs(text) or text.startswith(("/", "\\", "~")) or any(ord(c) < 32 for c in text):
-        problem = "it is absolute or has odd characters"
+    elif os.path.isabs(text) or text.startswith(("/", "\\", "~")) or _DRIVE.match(text):
+        problem = "it is absolute"
+    elif any(ord(c) < 32 for c in text):
+        problem = "it has control characters"
     elif ".." in Path(text.replace("\\", "/")).parts:
         problem = "it has '..'"
     elif plain_name and ("/" in text or "\\" in text or ":" in text):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_folder, confined_path
+from .cancel import check_cancel
 from .keymap import is_original_state_dict, original_to_diffusers
 from .lora_patch import Term, Workspace, merged_weight_, stack_terms
 
@@ -44,6 +45,7 @@ def merge_into_base(transformer: nn.Module, loras: Iterable, patcher=None, progr
     workspace = Workspace()
     with torch.no_grad():
         for i, (path, module_terms) in enumerate(terms.items()):
+            check_cancel()
             weight = transformer.get_submodule(path).weight.data
             merged_weight_(weight, weight, module_terms, workspace=workspace)  # row chunks: each chunk is read before written
             if progress is not None:
@@ -129,6 +131,7 @@ def _merge_weight_file(src: Path, dst: Path, terms: dict[str, list[Term]], used:
             specs.append((key, dtype, tuple(sl.get_shape())))
 
         def produce(key: str) -> torch.Tensor:
+            check_cancel()  # between tensors: Cancel stops a long save (the partial folder is removed)
             tensor = f.get_tensor(key)
             if not key.endswith(".weight"):
                 return tensor
@@ -165,7 +168,7 @@ def save_merged_model(pipe, loras: Iterable, dest_folder: str | os.PathLike,
     if dest.resolve() == src.resolve() or src.resolve() in dest.resolve().parents:
         raise ValueError(f"cannot save a merged model inside its source folder {src}")
     terms = stack_terms(loras)
-    with atomic_folder(dest) as partial:  # DEST.partial, renamed onto dest once complete
+    with atomic_folder(dest) as partial:  # a unique temporary folder, renamed onto dest once complete
         _replicate_tree(src, partial, skip={"transformer", PROVENANCE_FILE})
         out_transformer = partial / "transformer"
         out_transformer.mkdir()

@@ -106,7 +106,10 @@ class Workspace:
             flat = torch.empty(total, dtype=torch.float32, device=device)
         else:
             if self._flat is None or self._flat.numel() < total:
-                self._flat = torch.empty(total, dtype=torch.float32)
+                # A normal tensor even when the first merge runs inside ComfyUI's inference mode:
+                # an inference tensor could not be written by a later merge outside it (training).
+                with torch.inference_mode(False):
+                    self._flat = torch.empty(total, dtype=torch.float32)
             flat = self._flat
         views, offset = [], 0
         for shape, size in zip(shapes, sizes):

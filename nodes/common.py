@@ -17,7 +17,6 @@ import folder_paths
 from ..easyanimate.loading import load_pipe
 from ..fileio import confined_path
 from ..easyanimate.model import EasyAnimateModel, EasyAnimatePipe
-from ..training.checkpoint import is_optimizer_file
 from . import host_memory
 
 EASYANIMATE_FOLDER = "easyanimate"      # models/EasyAnimate/<model folder>/
@@ -34,9 +33,9 @@ def register_model_folders() -> None:
 
 
 def lora_file_names() -> list[str]:
-    """The LoRA files a user can pick in models/loras. The trainer's optimizer state, kept beside
-    each checkpoint in the same folder, is not a LoRA and is left out."""
-    return [n for n in folder_paths.get_filename_list(LORA_FOLDER) if not is_optimizer_file(n)]
+    """The LoRA files a user can pick in models/loras: the host's own list (the trainer keeps its
+    training state outside models/loras, so every file listed there is a LoRA)."""
+    return folder_paths.get_filename_list(LORA_FOLDER)
 
 
 def model_folder_names() -> list[str]:

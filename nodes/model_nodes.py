@@ -49,6 +49,7 @@ class EasyAnimateSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="EasyAnimateSampler",
+            hidden=[io.Hidden.unique_id],  # cls.hidden.unique_id: progress bar and text on this node
             display_name="EasyAnimate Sampler",
             category="EasyAnimate",
             description="Text-to-video, or image-to-video when a start image is connected (InP models). "

@@ -56,6 +56,7 @@ class EasyAnimateStrengthSweep(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="EasyAnimateStrengthSweep",
+            hidden=[io.Hidden.unique_id],  # cls.hidden.unique_id: progress bar and text on this node
             display_name="EasyAnimate LoRA Strength Sweep",
             category="EasyAnimate/lora",
             description="Samples the same prompt and seed once per LoRA strength, scores every video with a reward "

@@ -4,50 +4,46 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import folder_paths
 from comfy_api.latest import io, ui
 
 from ..easyanimate.lora_format import load_lora_file
-from ..training.config import BACKPROP_STRATEGIES, TrainConfig
+from ..training.config import BACKPROP_STRATEGIES, TrainConfig, parse_optional_number
+from ..training.run_layout import RUNS_FOLDER, RunLayout
 from ..training.prompts import load_prompts
 from ..training.trainer import RewardLoRATrainer as CoreTrainer, StepReport, history_plot
-from .common import LORA_FOLDER, check_interrupt, lora_file_names, output_subpath, progress_callback
+from .common import LORA_FOLDER, check_interrupt, lora_file_names, progress_callback
 from .types import EasyAnimateModelType, RewardModelType
 
 log = logging.getLogger(__name__)
 
 NO_RESUME = "[none]"
-_UNSAFE = re.compile(r"[^\w.\- /]")
-
-
-def sanitize_lora_name(name: str) -> str:
-    """A relative .safetensors path under models/loras: odd characters become '_', no '..', no
-    absolute paths (checked again against the real folder by output_subpath)."""
-    cleaned = _UNSAFE.sub("_", str(name).replace("\\", "/")).strip().strip("/")
-    parts = [p.strip() for p in cleaned.split("/") if p.strip() not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
-        raise ValueError(f"lora_name {name!r} must be a file name (optionally in a sub-folder) inside models/loras")
-    cleaned = "/".join(parts)
-    if not cleaned.endswith(".safetensors"):
-        cleaned += ".safetensors"
-    return cleaned
 
 
 def _resume_options() -> list[str]:
-    # The optimizer files beside the checkpoints are no LoRAs: resuming picks them up on its own.
     return [NO_RESUME] + lora_file_names()
 
 
-def _max_reward(text: str) -> float | None:
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"max_reward {text!r} must be a number or empty") from None
+def run_layout(lora_name: str) -> RunLayout:
+    """The run `lora_name`: its LoRA files in models/loras, its run folder in
+    output/easyanimate_reward_runs (outside every LoRA list)."""
+    loras_dir = folder_paths.get_folder_paths(LORA_FOLDER)[0]
+    return RunLayout.in_folders(loras_dir, _runs_root(), lora_name)
+
+
+def _runs_root() -> str:
+    return os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER)
+
+
+def _resume_layout(resume_from: str) -> RunLayout:
+    """The run of a LoRA picked in the list, in whichever loras folder holds it."""
+    full = folder_paths.get_full_path_or_raise(LORA_FOLDER, resume_from)
+    for root in folder_paths.get_folder_paths(LORA_FOLDER):
+        layout = RunLayout.in_folders(root, _runs_root(), resume_from)
+        if os.path.abspath(layout.lora) == os.path.abspath(full):
+            return layout
+    return RunLayout.for_lora_file(full)
 
 
 class RewardLoRATrainerNode(io.ComfyNode):
@@ -55,14 +51,16 @@ class RewardLoRATrainerNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="RewardLoRATrainer",
+            hidden=[io.Hidden.unique_id],  # cls.hidden.unique_id: progress bar and text on this node
             display_name="EasyAnimate Reward LoRA Trainer",
             category="EasyAnimate/training",
             description="Trains a LoRA on the transformer by reward backpropagation: samples videos from noise with the "
                         "real sampler, keeps gradients only on the chosen denoising steps, decodes the first latents, "
                         "scores frames with the reward and updates the LoRA to raise the score. Saves the LoRA to "
-                        "models/loras (official EasyAnimate format, with a .json of settings and history, and "
-                        "<name>.optimizer.safetensors with AdamW's state for an exact resume); with held-out "
-                        "prompts also <name>.best.safetensors, the LoRA of the best held-out reward.",
+                        "models/loras (official EasyAnimate format); with held-out prompts also "
+                        "<name>.best.safetensors, the LoRA of the best held-out reward. Settings, history and the "
+                        "optimizer state for an exact resume go to output/easyanimate_reward_runs/<name>/. A run "
+                        "never replaces files of another run: a taken name gets a counter (<name>_001).",
             is_output_node=True,
             inputs=[
                 EasyAnimateModelType.Input("model", tooltip="The model to train on; LoRAs already applied stay under it."),
@@ -118,17 +116,19 @@ class RewardLoRATrainerNode(io.ComfyNode):
                 io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFF,
                              tooltip="Seeds the LoRA init, the prompt order and the rollout noise."),
                 io.String.Input("max_reward", default="",
-                                tooltip="Empty: loss = -reward. A number: loss = |reward - max_reward| (stops "
+                                tooltip="Empty: loss = -reward. A finite number: loss = |reward - max_reward| (stops "
                                         "pushing past a target)."),
                 io.Float.Input("loss_scale", default=1.0, min=1e-6, max=1e6, step=0.01, round=False,
                                tooltip="Multiplies the loss."),
                 io.Int.Input("save_every", default=100, min=0, max=1_000_000,
                              tooltip="Save the LoRA every N steps (0: only at the end). It is also saved when "
-                                     "training is cancelled or fails. Each save also writes "
-                                     "<name>.optimizer.safetensors (AdamW's state), so a resume continues exactly."),
+                                     "training is cancelled or fails. Each save also writes the run's "
+                                     "training_state.safetensors (AdamW's state, in the run folder), so a resume "
+                                     "continues exactly."),
                 io.String.Input("lora_name", default="easyanimate_reward_lora",
-                                tooltip="File name in models/loras ('.safetensors' is added). <name>.optimizer.safetensors "
-                                        "(for resuming) and, with held-out prompts, <name>.best.safetensors go beside it."),
+                                tooltip="Relative file name in models/loras ('.safetensors' is added); with held-out "
+                                        "prompts <name>.best.safetensors goes beside it. If any file of that name "
+                                        "exists (and resume_from is not this run), the run gets <name>_001, ..."),
                 io.String.Input("eval_prompts", multiline=True, default="",
                                 tooltip="Held-out prompts (lines or a file name), scored without gradients on fixed "
                                         "seeds. Training reward rising while held-out stalls = reward hacking."),
@@ -141,9 +141,10 @@ class RewardLoRATrainerNode(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward (transformer and VAE): far less memory."),
                 io.Combo.Input("resume_from", options=_resume_options(), default=NO_RESUME, optional=True,
-                               tooltip="Continue a run from its LoRA (step count and history come from its .json, AdamW's "
-                                       "state and float32 weights from its .optimizer.safetensors: the run continues "
-                                       "as if never stopped; without that file the moments restart)."),
+                               tooltip="Continue a run from its LoRA (step count, history, AdamW's state and float32 "
+                                       "weights come from its run folder: the run continues as if never stopped). "
+                                       "With lora_name = this run's name it writes on into the same files; with "
+                                       "another name a new run starts from it."),
             ],
             outputs=[
                 EasyAnimateModelType.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -166,20 +167,15 @@ class RewardLoRATrainerNode(io.ComfyNode):
             negative_prompt=negative_prompt, backprop=backprop, backprop_k=backprop_k, backprop_start=backprop_start,
             backprop_end=backprop_end, backprop_steps=backprop_steps, detach_input=drtune,
             num_decoded_latents=num_decoded_latents, num_sampled_frames=num_sampled_frames,
-            max_reward=_max_reward(max_reward), loss_scale=loss_scale, rank=rank, alpha=alpha,
+            max_reward=parse_optional_number(max_reward, "max_reward"), loss_scale=loss_scale, rank=rank, alpha=alpha,
             target_modules=target_modules, train_steps=train_steps, learning_rate=learning_rate,
             weight_decay=weight_decay, adam_eps=adam_eps, max_grad_norm=max_grad_norm,
             grad_accumulation=grad_accumulation, batch_size=batch_size, seed=seed,
             gradient_checkpointing=gradient_checkpointing, save_every=save_every, eval_every=eval_every,
             early_stop_patience=early_stop_patience,
         ).validate()
-        name = sanitize_lora_name(lora_name)
-        loras_dir = folder_paths.get_folder_paths(LORA_FOLDER)[0]
-        os.makedirs(loras_dir, exist_ok=True)
-        path = output_subpath(name, loras_dir)
-        resume = None
-        if resume_from and resume_from != NO_RESUME:
-            resume = folder_paths.get_full_path_or_raise(LORA_FOLDER, resume_from)
+        layout = run_layout(lora_name)
+        resume = _resume_layout(resume_from) if resume_from and resume_from != NO_RESUME else None
 
         node_id = cls.hidden.unique_id if cls.hidden else None
         progress = progress_callback(train_steps, node_id)
@@ -192,15 +188,18 @@ class RewardLoRATrainerNode(io.ComfyNode):
             _show_text(text, node_id)
 
         trainer = CoreTrainer(
-            model, reward, train_prompts, config, output_path=path, eval_prompts=held_out, resume_from=resume,
+            model, reward, train_prompts, config, layout=layout, eval_prompts=held_out, resume_layout=resume,
             progress=progress, check_interrupt=check_interrupt, on_step=on_step,
-            extra_info={"lora_name": name, "reward": getattr(reward, "name", type(reward).__name__)})
+            extra_info={"reward": getattr(reward, "name", type(reward).__name__)})
         result = trainer.train()
+        loras_dir = folder_paths.get_folder_paths(LORA_FOLDER)[0]
+        name = _relative_name(result.layout.lora, loras_dir)
         summary = f"{result.stop_reason} at step {result.state.step}: saved models/loras/{name}"
         if result.best_path is not None:
             best_name = _relative_name(result.best_path, loras_dir)
             summary += (f"\nbest held-out reward {result.best_eval_reward:.5g} at step {result.best_step}: "
                         f"models/loras/{best_name}")
+        summary += f"\nrun folder: {result.layout.folder}"
         _show_text(summary, node_id)
         # The wire carries exactly what the file holds (bf16), so the LoRA picked later by name
         # in EasyAnimateLoraApply behaves the same as this output.

@@ -73,13 +73,10 @@ def test_torch_save_atomic_reloads_weights_only(tmp_path):
     assert torch.equal(loaded["layers.0.weight"], state["layers.0.weight"])
 
 
-def test_atomic_folder_success_and_leftover_partial_cleared(tmp_path):
+def test_atomic_folder_success_in_a_unique_temporary_folder(tmp_path):
     dest = tmp_path / "model"
-    leftover = tmp_path / "model.partial"
-    leftover.mkdir()
-    (leftover / "stale.bin").write_bytes(b"from an interrupted run")
     with atomic_folder(dest) as partial:
-        assert partial == leftover and list(partial.iterdir()) == []
+        assert partial.parent == tmp_path and partial.name.startswith(".model.") and list(partial.iterdir()) == []
         assert not dest.exists()
         (partial / "sub").mkdir()
         (partial / "sub" / "config.json").write_text("{}")

@@ -20,17 +20,15 @@ from easyanimate_reward.reward.simple import ColorfulnessReward, SaturationRewar
 from easyanimate_reward.training.checkpoint import (
     NonFiniteWeightsError,
     TrainingState,
-    best_path,
     load_checkpoint,
-    optimizer_path,
-    read_optimizer_state,
+    read_training_state,
     save_checkpoint,
-    save_optimizer_state,
-    sidecar_path,
+    save_training_state,
 )
 from easyanimate_reward.training.config import TrainConfig, parse_step_list, select_grad_steps
 from easyanimate_reward.training.lora_layers import LoraLayers
 from easyanimate_reward.training.prompts import NoPromptsError, load_prompts
+from easyanimate_reward.training.run_layout import RunLayout
 from easyanimate_reward.training.rollout import (
     PromptBank,
     RolloutSettings,
@@ -42,6 +40,19 @@ from easyanimate_reward.training.rollout import (
     video_rewards,
 )
 from easyanimate_reward.training.trainer import RewardLoRATrainer, TrainingDivergedError, history_plot
+
+def run_json(lora_path) -> dict:
+    """run.json of the run whose LoRA is `lora_path` (the CLI's default layout)."""
+    return json.loads(RunLayout.for_lora_file(lora_path).run_json.read_text())
+
+
+def state_file(lora_path):
+    return RunLayout.for_lora_file(lora_path).state
+
+
+def best_path(lora_path):
+    return RunLayout.for_lora_file(lora_path).best
+
 
 SETTINGS = RolloutSettings(width=32, height=32, frames=5, sampling_steps=4, guidance_scale=4.0)
 PROMPT = "a cat playing piano in a sunny room"
@@ -206,7 +217,7 @@ def test_vae_checkpointing_is_exact_and_leaves_no_cache(pipes):
 def test_grad_step_strategies():
     assert select_grad_steps("last", 10) == [9]
     assert select_grad_steps("tail", 10, k=3) == [7, 8, 9]
-    assert select_grad_steps("uniform", 10, k=4) == [0, 3, 6, 9]
+    assert select_grad_steps("spread", 10, k=4) == [0, 3, 6, 9]
     assert select_grad_steps("all", 4) == [0, 1, 2, 3]
     assert select_grad_steps("list", 10, step_list="0, 5 -1") == [0, 5, 9]
     drawn = select_grad_steps("random", 50, k=5, start=10, end=19, rng=random.Random(1))
@@ -258,7 +269,7 @@ def test_training_raises_the_reward_on_fixed_seeds(pipes, tmp_path):
     assert set(weights.modules) == set(trainer.lora.paths)
     path0 = trainer.lora.paths[0]
     torch.testing.assert_close(weights.modules[path0].up.float(), trainer.lora.up[0].detach(), rtol=1e-2, atol=1e-4)
-    sidecar = json.loads(sidecar_path(out).read_text())
+    sidecar = run_json(out)
     assert sidecar["step"] == 6 and len(sidecar["history"]["reward"]) == 6
     assert sidecar["config"]["learning_rate"] == 1e-1 and sidecar["stop_reason"] == "finished"
     assert history_plot(result.state.history).shape[-1] == 3
@@ -286,7 +297,7 @@ def test_interrupt_keeps_the_last_good_checkpoint_and_resume_continues(pipes, tm
     assert not trainer.lora.attached
     weights, state = load_checkpoint(out, pipe.transformer)
     assert state.step == 2 and len(state.history["loss"]) == 2
-    assert "interrupted" in json.loads(sidecar_path(out).read_text())["stop_reason"]
+    assert "interrupted" in run_json(out)["stop_reason"]
     torch.testing.assert_close(weights.modules[trainer.lora.paths[-1]].up.float(),
                                trainer.lora.up[-1].detach(), rtol=1e-2, atol=1e-4)
 
@@ -324,14 +335,15 @@ def test_nan_loss_stops_and_keeps_finite_checkpoint(pipes, tmp_path):
     before = out.read_bytes()
     with torch.no_grad():
         trainer.lora.up[0].fill_(float("nan"))
+    layout = RunLayout.for_lora_file(out)
     with pytest.raises(NonFiniteWeightsError):
-        save_checkpoint(out, trainer.lora.to_weights(), TrainingState(step=3))
+        save_checkpoint(layout, trainer.lora.to_weights(), TrainingState(step=3), trainer.run_id)
     assert out.read_bytes() == before
-    # The optimizer state beside it is the step-2 one; NaN moments are never written, and the
+    # The training state in the run folder is the step-2 one; NaN moments are never written, and the
     # stale file goes (it would not match the LoRA that a finite-weight save writes next).
-    assert read_optimizer_state(out)[1] == 2
-    assert save_optimizer_state(out, {"x.down.exp_avg": torch.tensor([float("nan")])}, 3) is None
-    assert not optimizer_path(out).exists()
+    assert read_training_state(layout)[1] == 2
+    assert save_training_state(layout, {"x.down.exp_avg": torch.tensor([float("nan")])}, 3, trainer.run_id) is None
+    assert not layout.state.exists()
 
 
 def test_bf16_and_float8_bases_train_float32_lora(tiny_models):
@@ -372,7 +384,7 @@ def test_early_stop_on_held_out_and_cli(pipes, tiny_models, tmp_path):
     assert code == 0
     weights = load_lora_file(out, pipes["v5.1"].transformer)
     assert weights.ranks == {2} and all(p.endswith(("to_q", "to_v")) for p in weights.modules)
-    assert json.loads(sidecar_path(out).read_text())["step"] == 2
+    assert run_json(out)["step"] == 2
 
 
 def test_sequential_offload_is_refused_with_a_clear_error(pipes):
@@ -406,7 +418,7 @@ def factors(trainer) -> dict[str, torch.Tensor]:
 
 def test_resume_with_optimizer_state_matches_an_uninterrupted_run(pipes, tmp_path, caplog):
     """4 steps in one go == 2 steps + resume + 2 steps, bitwise: AdamW's moments and the float32
-    weights (the LoRA file is bf16) come back from <name>.optimizer.safetensors; the seeds, the
+    weights (the LoRA file is bf16) come back from the run's training_state.safetensors; the seeds, the
     prompt order and the 'random' backprop steps derive from (seed, step), so no RNG state is needed."""
     import shutil
 
@@ -426,16 +438,19 @@ def test_resume_with_optimizer_state_matches_an_uninterrupted_run(pipes, tmp_pat
     whole.train()
     out = tmp_path / "halves.safetensors"
     trainer(first_half, out).train()
-    moments = optimizer_path(out)
-    assert moments.name == "halves.optimizer.safetensors" and moments.is_file()
-    sidecar = json.loads(sidecar_path(out).read_text())
-    assert sidecar["optimizer_file"] == moments.name and sidecar["step"] == 2
+    moments = state_file(out)
+    assert moments == tmp_path / "easyanimate_reward_runs" / "halves" / "training_state.safetensors"
+    assert moments.is_file()
+    sidecar = run_json(out)
+    assert sidecar["state_file"] == moments.name and sidecar["step"] == 2
     stored = load_file(str(moments))
     path0 = f"{whole.lora.paths[0]}.up"
     assert {f"{path0}.exp_avg", f"{path0}.exp_avg_sq", f"{path0}.step", f"{path0}.master"} <= set(stored)
     assert stored[f"{path0}.step"].item() == 2 and stored[f"{path0}.master"].dtype == torch.float32
-    for suffix in (".safetensors", ".safetensors.json"):  # the same checkpoint without its optimizer file
-        shutil.copy(tmp_path / f"halves{suffix}", tmp_path / f"fresh{suffix}")
+    # The same checkpoint without its training state: a copy of the run under another name.
+    shutil.copy(out, tmp_path / "fresh.safetensors")
+    (tmp_path / "easyanimate_reward_runs" / "fresh").mkdir()
+    shutil.copy(RunLayout.for_lora_file(out).run_json, RunLayout.for_lora_file(tmp_path / "fresh.safetensors").run_json)
 
     caplog.clear()
     with caplog.at_level("WARNING"):
@@ -446,7 +461,7 @@ def test_resume_with_optimizer_state_matches_an_uninterrupted_run(pipes, tmp_pat
     expected, actual = factors(whole), factors(resumed)
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
     assert result.state.history["reward"] == whole.state.history["reward"]
-    final_whole, final_halves = load_file(str(optimizer_path(whole.output_path))), load_file(str(moments))
+    final_whole, final_halves = load_file(str(state_file(whole.output_path))), load_file(str(moments))
     assert all(torch.equal(final_whole[k], final_halves[k]) for k in final_whole)
 
     # Without the optimizer file the run warns and restarts the moments: the result differs.
@@ -454,18 +469,18 @@ def test_resume_with_optimizer_state_matches_an_uninterrupted_run(pipes, tmp_pat
     with caplog.at_level("WARNING"):
         fresh = trainer(config, tmp_path / "fresh.safetensors", resume=tmp_path / "fresh.safetensors")
         fresh.train()
-    assert "without optimizer state" in caplog.text
+    assert "without training state" in caplog.text
     gap = max((expected[n] - p).abs().max().item() for n, p in factors(fresh).items())
     assert gap > 1e-5
 
-    # An optimizer file from another save (step 4 beside a step-2 LoRA) is refused, not used.
+    # A state file from another save (step 4 beside a step-2 LoRA) is refused, not used.
     caplog.clear()
     stale = tmp_path / "stale.safetensors"
     trainer(first_half, stale).train()  # a step-2 checkpoint ...
-    shutil.copy(moments, optimizer_path(stale))  # ... next to the step-4 optimizer state
+    shutil.copy(moments, state_file(stale))  # ... next to the step-4 training state
     with caplog.at_level("WARNING"):
         trainer(config, tmp_path / "after_stale.safetensors", resume=stale).train()
-    assert "saved at step 4, the LoRA at step 2" in caplog.text
+    assert "saved at step 4" in caplog.text and "the LoRA at step 2" in caplog.text
 
 
 def test_best_held_out_checkpoint(pipes, tmp_path):
@@ -484,18 +499,17 @@ def test_best_held_out_checkpoint(pipes, tmp_path):
     assert best_index > 0, history  # training raised the held-out reward
     assert result.best_step == best_index and result.best_eval_reward == history["eval_reward"][best_index]
     assert result.best_path == best_path(out) == tmp_path / "run.best.safetensors" and result.best_path.is_file()
+    assert result.layout == RunLayout.for_lora_file(out)
     # It is a plain LoRA holding the weights of the best step, and its sidecar says which step that was.
     weights = load_lora_file(result.best_path, pipe.transformer)
     for name, tensor in snapshots[best_index].items():
         path, factor = name.rsplit(".", 1)
         torch.testing.assert_close(getattr(weights.modules[path], factor).float(), tensor, rtol=1e-2, atol=1e-4)
-    best_side = json.loads(sidecar_path(result.best_path).read_text())
-    assert best_side["step"] == best_side["best_step"] == best_index
-    assert best_side["best_eval_reward"] == pytest.approx(history["eval_reward"][best_index])
-    assert best_side["best_of"] == "run.safetensors" and best_side["optimizer_file"] is None
-    main_side = json.loads(sidecar_path(out).read_text())
+    assert weights.metadata["easyanimate_reward_best_step"] == str(best_index)
+    assert weights.metadata["easyanimate_reward_best_of"] == "run.safetensors"
+    main_side = run_json(out)
     assert main_side["best_file"] == "run.best.safetensors" and main_side["best_step"] == best_index
-    assert not optimizer_path(result.best_path).exists()
+    assert main_side["best_eval_reward"] == pytest.approx(history["eval_reward"][best_index])
     # A resumed run keeps pointing at that best file until it improves on it.
     resumed = RewardLoRATrainer(EasyAnimateModel(pipe), SaturationReward(), [PROMPT], config, output_path=out,
                                 eval_prompts=["a dog running on the beach at sunset"], resume_from=out).train()

@@ -65,15 +65,15 @@ def test_train_save_reload_and_apply_by_name(comfy_server):
     name = "host test/reward lora.safetensors"
     lora_file = comfy_server.base / "models" / "loras" / "host test" / "reward lora.safetensors"
     assert lora_file.is_file() and name in entry["outputs"]["3"]["text"][0]
-    sidecar = json.loads(lora_file.with_name(lora_file.name + ".json").read_text())
+    run_folder = comfy_server.base / "output" / "easyanimate_reward_runs" / "host test" / "reward lora"
+    sidecar = json.loads((run_folder / "run.json").read_text())
     assert sidecar["step"] == 3 and sidecar["history"]["eval_step"] == [0, 3]
-    # The optimizer state for an exact resume, and the best held-out LoRA named in the summary.
-    assert sidecar["optimizer_file"] == "reward lora.optimizer.safetensors"
-    assert lora_file.with_name("reward lora.optimizer.safetensors").is_file()
-    # ... which is no LoRA: the pickers list the trained LoRAs but not the optimizer state.
+    # The training state for an exact resume lives in the run folder, and the best held-out LoRA
+    # named in the summary beside the LoRA.
+    assert sidecar["state_file"] == "training_state.safetensors" and (run_folder / sidecar["state_file"]).is_file()
     picker = comfy_server.object_info()["EasyAnimateLoraApply"]["input"]["required"]["lora_name"]
     options = picker[0] if isinstance(picker[0], list) else picker[1]["options"]
-    assert name in options and not any(o.endswith(".optimizer.safetensors") for o in options)
+    assert name in options and not any("training_state" in o for o in options)
     best_file = lora_file.with_name("reward lora.best.safetensors")
     assert sidecar["best_file"] == best_file.name and best_file.is_file()
     assert "models/loras/host test/reward lora.best.safetensors" in entry["outputs"]["3"]["text"][0]
@@ -114,7 +114,7 @@ def test_cancel_keeps_the_last_checkpoint(comfy_server):
     graph["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}}
     queued = comfy_server.queue(graph)
     assert "prompt_id" in queued, queued
-    sidecar = comfy_server.base / "models" / "loras" / "cancelled.safetensors.json"
+    sidecar = comfy_server.base / "output" / "easyanimate_reward_runs" / "cancelled" / "training_state.safetensors"
     deadline = time.time() + 120
     while not sidecar.is_file() and time.time() < deadline:
         time.sleep(0.2)
@@ -124,8 +124,11 @@ def test_cancel_keeps_the_last_checkpoint(comfy_server):
     messages = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in messages, messages
     pipe = load_pipe(comfy_server.base / "models" / "EasyAnimate" / MODEL, "fp32", "none")
-    weights, state = load_checkpoint(sidecar.with_suffix(""), pipe.transformer)
-    assert 1 <= state.step < 500 and "interrupted" in json.loads(sidecar.read_text())["stop_reason"]
+    from easyanimate_reward.training.run_layout import RunLayout
+
+    layout = RunLayout(comfy_server.base / "models" / "loras" / "cancelled.safetensors", sidecar.parent)
+    weights, state = load_checkpoint(layout, pipe.transformer)
+    assert 1 <= state.step < 500 and "interrupted" in json.loads(layout.run_json.read_text())["stop_reason"]
     assert len(state.history["reward"]) == state.step
 
 
@@ -134,5 +137,5 @@ def test_lora_name_cannot_escape_the_loras_folder(comfy_server):
     graph["3"] = {"class_type": "RewardLoRATrainer", "inputs": trainer_inputs("../../escaped", train_steps=1)}
     entry = comfy_server.run(graph)
     err = history_error(entry)
-    assert err is not None and "inside models/loras" in err, err
+    assert err is not None and "must be a relative path inside" in err and "models/loras" in err, err
     assert not list(comfy_server.base.parent.rglob("escaped.safetensors"))

@@ -13,10 +13,12 @@ Data-parallel on several GPUs (or CPU processes): launch the same command with
 or  torchrun --nproc_per_node N -m easyanimate_reward.training ...
 (--batch-size is per process; only rank 0 writes files; see training/distributed.py).
 
-Files written beside --output OUT.safetensors: OUT.safetensors.json (settings, step, history),
-OUT.optimizer.safetensors (AdamW state + float32 weights: --resume OUT.safetensors continues exactly
-as an uninterrupted run would) and, with --eval-prompts and --eval-every, OUT.best.safetensors (+ .json),
-the LoRA of the best held-out reward so far.
+Files: --output OUT.safetensors (the LoRA) and, with --eval-prompts and --eval-every,
+OUT.best.safetensors (the LoRA of the best held-out reward so far); everything else in the run
+folder (--run-dir, default: see training/run_layout.py): run.json (settings, step, history, stop
+reason) and training_state.safetensors (AdamW state + float32 weights: --resume OUT.safetensors
+continues exactly as an uninterrupted run would). A run never replaces another run's files: when
+OUT is taken (and --resume is not OUT itself), the run is saved as OUT_001.safetensors, ...
 """
 
 from __future__ import annotations
@@ -42,20 +44,25 @@ def _flag(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m easyanimate_reward.training",
                                      description="Train an EasyAnimate LoRA by reward backpropagation.",
-                                     epilog="Beside --output OUT.safetensors go OUT.safetensors.json (settings, "
-                                            "history), OUT.optimizer.safetensors (optimizer state for an exact "
-                                            "--resume) and, with held-out evaluation, OUT.best.safetensors (+ .json), "
-                                            "the LoRA of the best held-out reward so far.",
+                                     epilog="Beside --output OUT.safetensors goes, with held-out evaluation, "
+                                            "OUT.best.safetensors; run.json (settings, history) and "
+                                            "training_state.safetensors (for an exact --resume) go to the run "
+                                            "folder. A taken OUT becomes OUT_001, ... (never overwritten).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="EasyAnimate model folder (V5 or V5.1)")
     parser.add_argument("--reward", required=True, help="reward kind, or a combination like 'hps_v2.1 + 0.5*aesthetic_v2'")
     parser.add_argument("--reward-folder", default=None, help="reward_models folder (not needed for weight-free kinds)")
     parser.add_argument("--prompts", required=True, help=".txt (a prompt a line) or .jsonl (key 'prompt')")
     parser.add_argument("--eval-prompts", default=None, help="held-out prompts file")
-    parser.add_argument("--output", required=True, help="LoRA file to write (.safetensors); its .json sidecar and .optimizer.safetensors go "
-                             "beside it (and .best.safetensors with held-out evaluation)")
-    parser.add_argument("--resume", default=None, help="continue from this LoRA file: step and history from its .json, AdamW state and float32 "
-                             "weights from its .optimizer.safetensors (exact resume; without it the moments restart)")
+    parser.add_argument("--output", required=True, help="LoRA file to write (.safetensors; .best.safetensors goes beside "
+                             "it with held-out evaluation); a taken name gets a counter suffix")
+    parser.add_argument("--run-dir", default=None, help="run folder (run.json, training_state.safetensors, later "
+                             "checkpoints/ logs/ validation/); default: <ComfyUI>/output/easyanimate_reward_runs/<name> "
+                             "when --output is in a ComfyUI models/loras folder, else easyanimate_reward_runs/<name> "
+                             "beside --output")
+    parser.add_argument("--resume", default=None, help="continue from this LoRA file: step, history, AdamW state and "
+                             "float32 weights from its run folder (exact resume). --resume OUT with --output OUT "
+                             "writes on into the same run; another --output starts a new run from it")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--memory-mode", default="model_cpu_offload",
                         choices=["none", "model_cpu_offload", "model_cpu_offload_and_qfloat8",
@@ -126,8 +133,9 @@ def _train(args, config: TrainConfig, dist, device) -> int:
     pipe = load_pipe(args.model, args.precision, args.memory_mode, device=device)
     reward = load_reward_spec(args.reward, args.reward_folder, device, args.reward_dtype or pipe.dtype)
     trainer = RewardLoRATrainer(
-        EasyAnimateModel(pipe), reward, prompts, config, output_path=args.output, eval_prompts=eval_prompts,
-        resume_from=args.resume, save_dtype=torch.float32 if args.save_dtype == "fp32" else torch.bfloat16,
+        EasyAnimateModel(pipe), reward, prompts, config, output_path=args.output, run_dir=args.run_dir,
+        eval_prompts=eval_prompts, resume_from=args.resume,
+        save_dtype=torch.float32 if args.save_dtype == "fp32" else torch.bfloat16,
         extra_info={"reward": args.reward, "model": args.model, "world_size": dist.world_size,
                     "global_batch": config.batch_size * dist.world_size * config.grad_accumulation},
         distributed=dist)
@@ -152,7 +160,8 @@ def _train(args, config: TrainConfig, dist, device) -> int:
         return 1
     if not dist.is_main:
         return 0
-    print(f"{result.stop_reason} at step {result.state.step}; LoRA saved to {result.saved_path}")
+    print(f"{result.stop_reason} at step {result.state.step}; LoRA saved to {result.saved_path}; "
+          f"run folder {result.layout.folder}")
     if result.best_path is not None:
         print(f"best held-out reward {result.best_eval_reward:.5g} at step {result.best_step}: {result.best_path}")
     return 0

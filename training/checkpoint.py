@@ -1,23 +1,19 @@
-"""LoRA checkpoints of a reward-training run.
+"""Files of a reward-training run (see run_layout.py for where they live and who owns them).
 
-A checkpoint is the LoRA itself, in the official EasyAnimate (kohya) format that every LoRA
-loader of the pack and of EasyAnimate reads, plus a JSON sidecar with the same name + ".json"
-(training settings, step, reward history, why the run stopped). Both are written atomically
-(temporary file in the same folder + os.replace). The step is also stored in the safetensors
-metadata, so a sidecar from an older save is recognised.
+- The LoRA (`<run>.safetensors`, and `<run>.best.safetensors`) in the official EasyAnimate (kohya)
+  format that every LoRA loader reads; its metadata holds the step, the settings and the run id.
+- `run.json` in the run folder: settings, step, reward history, why the run stopped, the best
+  held-out evaluation, the files the run created.
+- `training_state.safetensors` in the run folder: what an exact resume needs and a shareable LoRA
+  should not carry: per LoRA factor (key = diffusers module path + ".down"/".up") AdamW's state
+  (`exp_avg`, `exp_avg_sq`, `step`) and the float32 master weight (`master`; the LoRA file is
+  usually bf16, and resuming from rounded weights would drift from an uninterrupted run), plus the
+  fp16 GradScaler's state (`grad_scaler.*`). No RNG state is stored because the trainer uses no
+  global RNG: rollout seeds, prompt order and the drawn backprop steps all derive from (seed, step
+  index). A resume without that file (or with one from another save) warns and restarts AdamW.
 
-Weights that are not finite are never written: the previous (good) file stays as it was.
-
-Beside them, `<name>.optimizer.safetensors` holds what an exact resume needs and a shareable LoRA
-should not carry: per LoRA factor (key = diffusers module path + ".down"/".up") AdamW's state
-(`exp_avg`, `exp_avg_sq`, `step`) and the float32 master weight (`master`; the LoRA file is usually
-bf16, and resuming from rounded weights would drift from an uninterrupted run). No RNG state is
-stored because the trainer uses no global RNG: rollout seeds, prompt order and the 'random'
-backprop steps are all derived from (seed, step index). A resume without that file (or with one
-from another save) warns and restarts AdamW's moments.
-
-`<name>.best.safetensors` (+ .json) is the LoRA with the best held-out score so far, written when
-held-out prompts are evaluated.
+Every write is atomic (fileio). Weights that are not finite are never written: the previous
+(good) file stays as it was.
 """
 
 from __future__ import annotations
@@ -34,14 +30,15 @@ import torch
 
 from ..easyanimate.lora_format import LoraWeights, load_lora_file, save_lora_file
 from ..fileio import save_safetensors_atomic, write_text_atomic
+from .run_layout import RUN_FORMAT, RUN_ID_KEY, RunLayout, read_run_record
 
 log = logging.getLogger(__name__)
 
-SIDECAR_FORMAT = "easyanimate_reward.training/1"
-OPTIMIZER_FORMAT = "easyanimate_reward.training.optimizer/1"
+STATE_FORMAT = "easyanimate_reward.training.state/2"
 STEP_KEY = "easyanimate_reward_step"
 CONFIG_KEY = "easyanimate_reward_config"
-MASTER_KEY = "master"  # per-factor suffix of the float32 master weight in the optimizer file
+MASTER_KEY = "master"  # per-factor suffix of the float32 master weight in the state file
+SCALER_PREFIX = "grad_scaler."  # GradScaler state (fp16 training) in the state file
 
 
 class NonFiniteWeightsError(ValueError):
@@ -64,32 +61,6 @@ class TrainingState:
     evals_without_improvement: int = 0
     best_step: int | None = None  # step of that evaluation
     best_eval_reward: float | None = None  # held-out reward at that evaluation
-
-
-def sidecar_path(path: str | os.PathLike) -> Path:
-    return Path(str(path) + ".json")
-
-
-def _beside(path: str | os.PathLike, kind: str) -> Path:
-    """run.safetensors -> run.<kind>.safetensors (the same folder)."""
-    path = Path(path)
-    stem = path.name[:-len(".safetensors")] if path.name.endswith(".safetensors") else path.name
-    return path.with_name(f"{stem}.{kind}.safetensors")
-
-
-def optimizer_path(path: str | os.PathLike) -> Path:
-    """Where the optimizer state of the checkpoint `path` lives."""
-    return _beside(path, "optimizer")
-
-
-def is_optimizer_file(path: str | os.PathLike) -> bool:
-    """True for the optimizer-state file of some checkpoint (it sits beside the LoRAs, but is none)."""
-    return Path(path).name.endswith(".optimizer.safetensors")
-
-
-def best_path(path: str | os.PathLike) -> Path:
-    """Where the best-held-out LoRA of the run saving to `path` lives."""
-    return _beside(path, "best")
 
 
 def weights_are_finite(weights: LoraWeights) -> bool:
@@ -124,24 +95,23 @@ def _tensors_are_finite(tensors: Mapping[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
 
 
-def save_optimizer_state(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], step: int,
-                         lora_file: str = "") -> Path | None:
-    """Write the optimizer file of checkpoint `path` atomically. Non-finite state is never written:
-    a stale file from an earlier save is removed instead (it would not match the new LoRA) and
-    None is returned."""
-    target = optimizer_path(path)
+def save_training_state(layout: RunLayout, tensors: Mapping[str, torch.Tensor], step: int, run_id: str) -> Path | None:
+    """Write the run's training_state.safetensors atomically. Non-finite state is never written:
+    the file from an earlier save is removed instead (it would not match the LoRA that the same
+    save writes) and None is returned."""
+    target = layout.state
     if not _tensors_are_finite(tensors):
-        log.warning("optimizer state at step %d holds NaN/inf; not saved (a resume will restart AdamW's moments)",
+        log.warning("training state at step %d holds NaN/inf; not saved (a resume will restart AdamW's moments)",
                     step)
         target.unlink(missing_ok=True)
         return None
-    metadata = {"format": OPTIMIZER_FORMAT, STEP_KEY: str(step), "lora_file": lora_file or Path(path).name}
+    metadata = {"format": STATE_FORMAT, STEP_KEY: str(step), RUN_ID_KEY: run_id, "lora_file": layout.lora.name}
     return save_safetensors_atomic(target, tensors, metadata=metadata)
 
 
-def read_optimizer_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int] | None:
-    """(tensors, step) of checkpoint `path`'s optimizer file; None when there is none."""
-    target = optimizer_path(path)
+def read_training_state(layout: RunLayout) -> tuple[dict[str, torch.Tensor], int, str | None] | None:
+    """(tensors, step, run id) of the run's state file; None when there is none."""
+    target = layout.state
     if not target.is_file():
         return None
     from safetensors import safe_open
@@ -151,10 +121,17 @@ def read_optimizer_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for a bad header
-        raise ValueError(f"cannot read optimizer state {target}: {e}. The file is corrupt or incomplete.") from e
-    if metadata.get("format") != OPTIMIZER_FORMAT or STEP_KEY not in metadata:
-        raise ValueError(f"{target} is not an optimizer state written by this trainer")
-    return tensors, int(metadata[STEP_KEY])
+        raise ValueError(f"cannot read training state {target}: {e}. The file is corrupt or incomplete.") from e
+    if metadata.get("format") != STATE_FORMAT or STEP_KEY not in metadata:
+        raise ValueError(f"{target} is not a training state written by this trainer")
+    return tensors, int(metadata[STEP_KEY]), metadata.get(RUN_ID_KEY)
+
+
+def split_scaler_state(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(per-factor optimizer tensors, GradScaler tensors without the prefix)."""
+    factors = {k: v for k, v in tensors.items() if not k.startswith(SCALER_PREFIX)}
+    scaler = {k[len(SCALER_PREFIX):]: v for k, v in tensors.items() if k.startswith(SCALER_PREFIX)}
+    return factors, scaler
 
 
 def restore_optimizer_state(named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
@@ -199,24 +176,25 @@ def restore_optimizer_state(named_params: list[tuple[str, torch.nn.Parameter]], 
     return None
 
 
-def save_checkpoint(path: str | os.PathLike, weights: LoraWeights, state: TrainingState,
-                    extra: dict | None = None, dtype: torch.dtype = torch.bfloat16,
-                    optimizer_state: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write the LoRA (official format) and its sidecar, and with `optimizer_state` (see
-    optimizer_tensors) the optimizer file beside them. Raises NonFiniteWeightsError, leaving any
-    previous checkpoint untouched, when a weight is NaN or inf."""
+def save_lora(path: str | os.PathLike, weights: LoraWeights, state: TrainingState, run_id: str,
+              dtype: torch.dtype = torch.bfloat16, extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """The LoRA (official format) with the step, settings and run id in its metadata. Raises
+    NonFiniteWeightsError, leaving any previous file untouched, when a weight is NaN or inf."""
     path = Path(path)
     if not weights_are_finite(weights):
         raise NonFiniteWeightsError(f"LoRA weights at step {state.step} hold NaN/inf; {path} was not overwritten")
-    metadata = {STEP_KEY: str(state.step), CONFIG_KEY: json.dumps(_json_safe(state.config), sort_keys=True)}
-    saved_optimizer = None
-    if optimizer_state is not None:
-        # Written first: a crash before the LoRA leaves a step mismatch, which a resume detects.
-        saved_optimizer = save_optimizer_state(path, optimizer_state, state.step, path.name)
+    metadata = {STEP_KEY: str(state.step), CONFIG_KEY: json.dumps(_json_safe(state.config), sort_keys=True),
+                RUN_ID_KEY: run_id}
+    metadata.update(extra_metadata or {})
     save_lora_file(path, weights, dtype=dtype, metadata=metadata)
-    sidecar = {
-        "format": SIDECAR_FORMAT,
-        "lora_file": path.name,
+    return path
+
+
+def run_record(layout: RunLayout, state: TrainingState, run_id: str, extra: dict | None = None) -> dict:
+    record = {
+        "format": RUN_FORMAT,
+        "run_id": run_id,
+        "lora_file": layout.lora.name,
         "step": state.step,
         "stop_reason": state.stop_reason,
         "best_eval": state.best_eval,
@@ -225,51 +203,72 @@ def save_checkpoint(path: str | os.PathLike, weights: LoraWeights, state: Traini
         "best_eval_reward": state.best_eval_reward,
         "config": state.config,
         "history": state.history,
-        "optimizer_file": saved_optimizer.name if saved_optimizer is not None else None,
-        "optimizer_state": (f"saved in {saved_optimizer.name} (exact resume)" if saved_optimizer is not None
-                            else "not saved (AdamW moments restart on resume)"),
     }
-    sidecar.update(extra or {})
-    write_text_atomic(sidecar_path(path), json.dumps(_json_safe(sidecar), indent=1, sort_keys=True))
-    return path
+    record.update(extra or {})
+    return record
+
+
+def write_run_record(layout: RunLayout, record: dict) -> Path:
+    return write_text_atomic(layout.run_json, json.dumps(_json_safe(record), indent=1, sort_keys=True))
+
+
+def save_checkpoint(layout: RunLayout, weights: LoraWeights, state: TrainingState, run_id: str,
+                    extra: dict | None = None, dtype: torch.dtype = torch.bfloat16,
+                    optimizer_state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """The LoRA, with `optimizer_state` (see optimizer_tensors) the state file, and run.json.
+    Raises NonFiniteWeightsError, leaving every previous file untouched, when a weight is NaN/inf."""
+    if not weights_are_finite(weights):
+        raise NonFiniteWeightsError(f"LoRA weights at step {state.step} hold NaN/inf; "
+                                    f"{layout.lora} was not overwritten")
+    saved_state = None
+    if optimizer_state is not None:
+        # Written first: a crash before the LoRA leaves a step mismatch, which a resume detects.
+        saved_state = save_training_state(layout, optimizer_state, state.step, run_id)
+    save_lora(layout.lora, weights, state, run_id, dtype)
+    record = run_record(layout, state, run_id, extra)
+    record["training_state"] = (f"saved in {layout.state.name} (exact resume)" if saved_state is not None
+                                else "not saved (AdamW moments restart on resume)")
+    record["state_file"] = saved_state.name if saved_state is not None else None
+    write_run_record(layout, record)
+    return layout.lora
 
 
 def _restore_nan(values: list) -> list:
     return [float("nan") if v is None else v for v in values]
 
 
-def read_sidecar(path: str | os.PathLike) -> dict | None:
-    side = sidecar_path(path)
-    if not side.is_file():
-        return None
-    try:
-        return json.loads(side.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{side} is not valid JSON: {e}") from e
-
-
-def load_checkpoint(path: str | os.PathLike, transformer) -> tuple[LoraWeights, TrainingState]:
+def load_checkpoint(layout: RunLayout | str | os.PathLike, transformer) -> tuple[LoraWeights, TrainingState]:
     """The LoRA (checked against `transformer`) and the training state to resume from. A LoRA
-    without a sidecar (any kohya/PEFT LoRA) resumes at step 0 with an empty history."""
-    path = Path(path)
-    weights = load_lora_file(path, transformer)
+    without a run record (any kohya/PEFT LoRA) resumes at step 0 with an empty history. A path is
+    read with the CLI's default layout (RunLayout.for_lora_file)."""
+    if not isinstance(layout, RunLayout):
+        layout = RunLayout.for_lora_file(layout)
+    weights = load_lora_file(layout.lora, transformer)
     file_step = weights.metadata.get(STEP_KEY)
-    sidecar = read_sidecar(path)
+    file_run = weights.metadata.get(RUN_ID_KEY)
+    try:
+        record = read_run_record(layout)
+    except ValueError as e:
+        log.warning("%s; resuming %s without its history", e, layout.lora)
+        record = None
+    if record is not None and file_run is not None and record.get("run_id") != file_run:
+        log.warning("%s belongs to another run than %s; resuming without its history", layout.run_json, layout.lora)
+        record = None
     state = TrainingState()
-    if sidecar is not None:
-        state.step = int(sidecar.get("step", 0))
+    if record is not None:
+        state.step = int(record.get("step", 0))
         history = new_history()
-        for key, values in (sidecar.get("history") or {}).items():
+        for key, values in (record.get("history") or {}).items():
             if key in history:
                 history[key] = _restore_nan(list(values))
         state.history = history
-        state.config = dict(sidecar.get("config") or {})
-        state.best_eval = sidecar.get("best_eval")
-        state.evals_without_improvement = int(sidecar.get("evals_without_improvement") or 0)
-        state.best_step = sidecar.get("best_step")
-        state.best_eval_reward = sidecar.get("best_eval_reward")
+        state.config = dict(record.get("config") or {})
+        state.best_eval = record.get("best_eval")
+        state.evals_without_improvement = int(record.get("evals_without_improvement") or 0)
+        state.best_step = record.get("best_step")
+        state.best_eval_reward = record.get("best_eval_reward")
     if file_step is not None and int(file_step) != state.step:
-        # The sidecar belongs to another save (a crash between the two writes): trust the LoRA file.
+        # run.json belongs to another save (a crash between the two writes): trust the LoRA file.
         state.step = int(file_step)
         keep = [i for i, s in enumerate(state.history["step"]) if s <= state.step]
         for key in ("step", "reward", "loss", "grad_norm"):

@@ -8,18 +8,23 @@ may be small so that the same code runs on tiny test models.
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 from dataclasses import asdict, dataclass, fields
 
 # How the steps that keep a graph are chosen (indices into the sampler's timesteps, 0 = first):
 # last: the final step only (official V5 default).
 # tail: the last K steps (official V5.1 default, K = 10: last-step gradients vanish with flow matching).
-# uniform: K steps spread evenly over the whole trajectory (always the first and the last).
+# uniform: K steps r + i * (T // K), i = 0..K-1, with a fresh offset r drawn from [0, T // K - 1] at
+#   every training step (seeded by the run, so resumes draw the same): always exactly K steps.
+#   (The official trainer draws r from [0, T // K], so that step T sometimes falls out and K - 1 train.)
+# spread: K fixed steps spread evenly over the whole trajectory (always the first and the last).
 # random: K distinct steps drawn anew each training step from [start, end].
 # list: an explicit list such as "0, 10, -1" (negative counts from the end).
 # all: every step (full backprop through the whole chain; memory grows with the step count).
-# auto: last for V5 (DDIM), tail K for V5.1 (flow matching).
-BACKPROP_STRATEGIES = ("auto", "last", "tail", "uniform", "random", "list", "all")
+# auto: last for V5 (DDIM), tail K for V5.1 (flow matching); with a step list given: list.
+BACKPROP_STRATEGIES = ("auto", "last", "tail", "uniform", "spread", "random", "list", "all")
 
 
 def parse_step_list(text: str, total: int) -> list[int]:
@@ -43,17 +48,21 @@ def parse_step_list(text: str, total: int) -> list[int]:
     return sorted(steps)
 
 
-def resolve_strategy(strategy: str, flow_matching: bool) -> str:
+def resolve_strategy(strategy: str, flow_matching: bool, step_list: str = "") -> str:
+    """The strategy that runs: 'auto' becomes 'list' when a step list is given, else last / tail."""
     if strategy not in BACKPROP_STRATEGIES:
         raise ValueError(f"unknown backprop strategy {strategy!r}; choose one of {', '.join(BACKPROP_STRATEGIES)}")
     if strategy == "auto":
+        if str(step_list or "").strip():
+            return "list"
         return "tail" if flow_matching else "last"
     return strategy
 
 
 def select_grad_steps(strategy: str, total: int, k: int = 1, start: int = 0, end: int = -1,
                       step_list: str = "", rng: random.Random | None = None) -> list[int]:
-    """Indices of the sampling steps whose transformer call keeps a graph. `rng` drives 'random'."""
+    """Indices of the sampling steps whose transformer call keeps a graph. `rng` drives the draws
+    of 'uniform' (the offset) and 'random' (the steps)."""
     if total < 1:
         raise ValueError("the sampler needs at least one step")
     if strategy == "last":
@@ -68,6 +77,10 @@ def select_grad_steps(strategy: str, total: int, k: int = 1, start: int = 0, end
     if strategy == "tail":
         return list(range(total - k, total))
     if strategy == "uniform":
+        stride = total // k
+        offset = (rng or random.Random(0)).randrange(stride)  # r in [0, T // K - 1]: K steps always train
+        return [offset + i * stride for i in range(k)]
+    if strategy == "spread":
         if k == 1:
             return [total - 1]
         return sorted({round(i * (total - 1) / (k - 1)) for i in range(k)})
@@ -81,6 +94,24 @@ def select_grad_steps(strategy: str, total: int, k: int = 1, start: int = 0, end
         rng = rng or random.Random(0)
         return sorted(rng.sample(pool, min(k, len(pool))))
     raise ValueError(f"unknown backprop strategy {strategy!r}; choose one of {', '.join(BACKPROP_STRATEGIES)}")
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def parse_optional_number(text: str | None, name: str) -> float | None:
+    """A setting typed as text: empty -> None, else a plain finite decimal number ("1", "-0.5",
+    "1e-3"). NaN, inf, values that overflow to inf (1e400) and Python-only spellings ("1_0") are
+    refused with a message naming the setting."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if not _NUMBER.fullmatch(text):
+        raise ValueError(f"{name} {text!r} must be a finite plain number such as 1 or 0.5, or empty")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} {text!r} is too large (it is not a finite number)")
+    return value
 
 
 def decoded_frame_count(num_latents: int) -> int:
@@ -140,8 +171,14 @@ class TrainConfig:
         for name in ("save_every", "eval_every", "early_stop_patience", "num_sampled_frames"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
         if self.learning_rate <= 0 or self.adam_eps <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("learning_rate and adam_eps must be > 0; weight_decay and max_grad_norm >= 0")
+        if self.loss_scale <= 0:
+            raise ValueError(f"loss_scale must be > 0, got {self.loss_scale}")
         if self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if self.backprop not in BACKPROP_STRATEGIES:
@@ -155,13 +192,16 @@ class TrainConfig:
             raise ValueError(f"num_sampled_frames {self.num_sampled_frames} exceeds the {available} frames that "
                              f"{self.num_decoded_latents} decoded latents give (1 + 4 (k - 1))")
         if self.target_modules:
-            import re
-
             try:
                 re.compile(self.target_modules)
             except re.error as e:
                 raise ValueError(f"target_modules {self.target_modules!r} is not a valid regular expression: {e}") from e
-        if self.backprop == "list":
+        has_list = bool(str(self.backprop_steps or "").strip())
+        if has_list and self.backprop not in ("list", "auto"):
+            raise ValueError(f"backprop_steps {self.backprop_steps!r} is given but backprop is {self.backprop!r}: "
+                             "a step list is used only with backprop 'list' (or 'auto', which then means 'list'); "
+                             "clear backprop_steps or choose 'list'")
+        if self.backprop == "list" or has_list:
             parse_step_list(self.backprop_steps, self.sampling_steps)
         return self
 

@@ -139,6 +139,10 @@ class LoraLayers(nn.Module):
         if len(ranks) != 1 or len(alphas) != 1:
             raise ValueError(f"{weights.source}: resuming needs one rank and one alpha for every module; "
                              f"found ranks {sorted(ranks)}, alphas {sorted(alphas)}")
-        layers = cls(transformer, ranks.pop(), alphas.pop(), device=device, paths=list(weights.modules))
+        # In the model's order, not the file's: the global gradient norm (clipping) sums the factors
+        # in parameter order, so only the same order as a fresh run makes a resume exact.
+        paths = [p for p in lora_target_modules(transformer) if p in weights.modules]
+        paths += [p for p in weights.modules if p not in set(paths)]  # unknown ones: refused in __init__
+        layers = cls(transformer, ranks.pop(), alphas.pop(), device=device, paths=paths)
         layers.load_weights(weights)
         return layers

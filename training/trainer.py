@@ -4,15 +4,16 @@ score higher under a differentiable reward.
 One optimizer step = `grad_accumulation` rollouts of `batch_size` prompts each: sample from noise
 with the pack's sampler (gradients only on the chosen steps), decode the first latents, score
 evenly spaced frames, loss = -reward (or |reward - max_reward|), backprop into the LoRA only,
-clip, AdamW. Checkpoints in the official LoRA format every `save_every` steps and at the end,
-each with its optimizer state beside it (`<name>.optimizer.safetensors`), so a resumed run continues
-exactly where the saved one was; with held-out prompts, `<name>.best.safetensors` keeps the LoRA of
-the best held-out evaluation so far.
+clip, AdamW (fp16 models: with a GradScaler, so an overflowing step is skipped, not fatal).
+Checkpoints in the official LoRA format every `save_every` steps and at the end; the training state
+(AdamW, float32 masters, GradScaler) and run.json go to the run folder, so a resumed run continues
+exactly where the saved one was; with held-out prompts, `<run>.best.safetensors` keeps the LoRA of
+the best held-out evaluation so far. Where each file lives and the rule that a run only replaces
+its own files: run_layout.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -24,23 +25,27 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..easyanimate.cancel import check_cancel
 from ..easyanimate.model import EasyAnimateModel
 from ..easyanimate.sampling import is_flow_matching, sync_loras
 from .checkpoint import (
+    SCALER_PREFIX,
     TrainingState,
-    best_path,
     load_checkpoint,
     new_history,
-    optimizer_path,
     optimizer_tensors,
-    read_optimizer_state,
-    read_sidecar,
+    read_training_state,
     restore_optimizer_state,
+    run_record,
     save_checkpoint,
+    save_lora,
+    split_scaler_state,
+    write_run_record,
 )
 from .config import TrainConfig, resolve_strategy, select_grad_steps
 from .distributed import SINGLE_PROCESS, DataParallel, critical
 from .lora_layers import LoraLayers
+from .run_layout import RunLayout, claim_run, file_run_id, new_run_id
 from .rollout import (
     PromptBank,
     RolloutSettings,
@@ -55,6 +60,9 @@ from .rollout import (
 log = logging.getLogger(__name__)
 
 EVAL_SEED_OFFSET = 1_000_000_007  # held-out videos use fixed seeds, apart from the training ones
+# fp16: consecutive optimizer steps skipped for inf/NaN gradients before the run counts as diverged
+# (the GradScaler halves its scale at each, so 2**-24 of the start scale by then).
+MAX_SKIPPED_STEPS = 24
 
 
 class TrainingDivergedError(RuntimeError):
@@ -82,11 +90,12 @@ class TrainResult:
     state: TrainingState
     saved_path: Path | None
     stop_reason: str
-    # The LoRA of the best held-out evaluation (`<name>.best.safetensors`); None without held-out
+    # The LoRA of the best held-out evaluation (`<run>.best.safetensors`); None without held-out
     # evaluation or without an output path. best_step / best_eval_reward say which evaluation it was.
     best_path: Path | None = None
     best_step: int | None = None
     best_eval_reward: float | None = None
+    layout: RunLayout | None = None  # where this run's files are (the name may carry a counter suffix)
 
 
 class RewardLoRATrainer:
@@ -95,7 +104,12 @@ class RewardLoRATrainer:
     progress(done, total): called after each optimizer step (the node maps it to a progress bar; it
     may raise to cancel). check_interrupt(): called after each sampling step, may raise.
     on_step(StepReport): logging/preview. An exception from any of them stops training cleanly:
-    the current (finite) LoRA is saved to `output_path` and the exception propagates.
+    the current (finite) LoRA is saved and the exception propagates. check_cancel() (easyanimate/
+    cancel.py) is called before every rollout.
+
+    Files: `layout` (run_layout.RunLayout), or `output_path` (+ `run_dir`) with the CLI's default
+    layout. The run claims its files before any work (a fresh `<name>_NNN` when the name is taken,
+    unless `resume_from` / `resume_layout` is this very run); `self.layout` is where they went.
     """
 
     def __init__(self, model: EasyAnimateModel, reward, prompts: Sequence[str], config: TrainConfig,
@@ -105,7 +119,9 @@ class RewardLoRATrainer:
                  check_interrupt: Callable[[], None] | None = None,
                  on_step: Callable[[StepReport], None] | None = None,
                  save_dtype: torch.dtype = torch.bfloat16, extra_info: dict | None = None,
-                 distributed: DataParallel | None = None):
+                 distributed: DataParallel | None = None,
+                 run_dir: str | os.PathLike | None = None, layout: RunLayout | None = None,
+                 resume_layout: RunLayout | None = None):
         if not prompts:
             raise ValueError("no training prompts: give at least one prompt")
         self.model = model
@@ -114,28 +130,49 @@ class RewardLoRATrainer:
         self.prompts = list(prompts)
         self.eval_prompts = list(eval_prompts)
         self.config = config.validate()
-        self.output_path = Path(output_path) if output_path is not None else None
-        self.resume_from = Path(resume_from) if resume_from else None
+        if layout is None and output_path is not None:
+            layout = RunLayout.for_lora_file(output_path, run_dir)
+        if resume_layout is None and resume_from:
+            same = layout is not None and os.path.abspath(resume_from) == os.path.abspath(layout.lora)
+            resume_layout = layout if same else RunLayout.for_lora_file(resume_from)
+        self.requested_layout = layout  # claimed (maybe under another name) when training starts
+        self.layout: RunLayout | None = None
+        self.resume_layout = resume_layout
+        self.run_id = new_run_id()
+        self.continuing = False  # True when resuming this very run into its own files
         self.progress, self.check_interrupt, self.on_step = progress, check_interrupt, on_step
         self.save_dtype = save_dtype
         self.extra_info = dict(extra_info or {})
         self.dist = distributed or SINGLE_PROCESS  # ranks: own prompts/seeds, averaged grads, rank 0 writes
         self.settings = RolloutSettings.from_config(config)
-        self.strategy = resolve_strategy(config.backprop, is_flow_matching(self.pipe))
+        self.strategy = resolve_strategy(config.backprop, is_flow_matching(self.pipe), config.backprop_steps)
         self.state = TrainingState(config=config.to_dict())
         self.lora: LoraLayers | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
         self.saved_path: Path | None = None
         self.best_path: Path | None = None
         self._orders: dict[int, list[int]] = {}
+        self._start_step = 0
+        self._skipped_in_a_row = 0
+
+    @property
+    def output_path(self) -> Path | None:
+        """The LoRA file this run writes (after the claim: the name it got)."""
+        layout = self.layout or self.requested_layout
+        return None if layout is None else layout.lora
+
+    @property
+    def resume_from(self) -> Path | None:
+        return None if self.resume_layout is None else self.resume_layout.lora
 
     # -- setup ---------------------------------------------------------------------------------
 
     def _build_lora(self) -> None:
         transformer, device = self.pipe.transformer, self.pipe.compute_device
         cfg = self.config
-        if self.resume_from is not None:
-            weights, state = load_checkpoint(self.resume_from, transformer)
+        if self.resume_layout is not None:
+            weights, state = load_checkpoint(self.resume_layout, transformer)
             self.lora = LoraLayers.from_weights(transformer, weights, device=device)
             if (self.lora.rank, self.lora.alpha) != (cfg.rank, cfg.alpha):
                 log.info("resuming %s: rank %d / alpha %g come from the file (settings said %d / %g)",
@@ -148,49 +185,65 @@ class RewardLoRATrainer:
             self.lora = LoraLayers(transformer, cfg.rank, cfg.alpha, cfg.target_modules, seed=cfg.seed, device=device)
         self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=cfg.learning_rate,
                                            weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-        if self.resume_from is not None:
+        # fp16 activations underflow in backward without loss scaling; bf16/fp32 need none.
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=self.pipe.dtype == torch.float16)
+        self._start_step = self.state.step
+        if self.resume_layout is not None:
             self._restore_optimizer(weights)
-            self._find_best_file()
 
     def _restore_optimizer(self, weights) -> None:
-        """AdamW moments and float32 master weights from the optimizer file beside the resumed
-        LoRA; when it is missing or does not fit, warn and start with fresh moments."""
-        source = optimizer_path(self.resume_from)
+        """AdamW moments, float32 master weights and the GradScaler from the resumed run's state
+        file; when it is missing or does not fit, warn and start with fresh moments."""
+        source = self.resume_layout.state
         fresh = "AdamW's moment estimates restart, so the run will not match an uninterrupted one"
         try:
-            loaded = read_optimizer_state(self.resume_from)
+            loaded = read_training_state(self.resume_layout)
         except ValueError as e:
             log.warning("%s; %s", e, fresh)
             return
         if loaded is None:
-            log.warning("resuming %s without optimizer state (no %s): %s", self.resume_from, source.name, fresh)
+            log.warning("resuming %s without training state (no %s): %s", self.resume_from, source, fresh)
             return
-        tensors, step = loaded
-        if step != self.state.step:
-            log.warning("ignoring %s: it was saved at step %d, the LoRA at step %d; %s",
-                        source, step, self.state.step, fresh)
+        tensors, step, run_id = loaded
+        lora_run = weights.metadata.get("easyanimate_reward_run_id")
+        if step != self.state.step or (lora_run is not None and run_id != lora_run):
+            log.warning("ignoring %s: it was saved at step %d (run %s), the LoRA at step %d (run %s); %s",
+                        source, step, run_id, self.state.step, lora_run, fresh)
             return
-        problem = restore_optimizer_state(self.lora.named_factors(), self.optimizer, tensors, weights)
+        factors, scaler = split_scaler_state(tensors)
+        problem = restore_optimizer_state(self.lora.named_factors(), self.optimizer, factors, weights)
         if problem is not None:
             log.warning("ignoring %s: %s; %s", source, problem, fresh)
             return
+        if scaler and self.scaler.is_enabled():
+            state = self.scaler.state_dict()
+            state.update(scale=float(scaler["scale"]), _growth_tracker=int(scaler["growth_tracker"]))
+            self.scaler.load_state_dict(state)
         log.info("restored AdamW state and float32 weights from %s", source)
 
-    def _find_best_file(self) -> None:
-        """The best-held-out file of the run resumed from, if it is the one its state names."""
-        if self.state.best_step is None:
+    def _claim_files(self) -> None:
+        """Before any work: the run's file names (a fresh one when taken) and that each can be written.
+        Only rank 0 writes, so only rank 0 claims: the other ranks keep no layout."""
+        if self.requested_layout is None or not self.dist.is_main:
             return
-        candidates = [best_path(self.resume_from)]
-        if self.output_path is not None:
-            candidates.append(best_path(self.output_path))
-        for candidate in candidates:
-            try:
-                sidecar = read_sidecar(candidate) if candidate.is_file() else None
-            except ValueError:  # a damaged sidecar: that file is not trusted as the best one
-                sidecar = None
-            if sidecar is not None and sidecar.get("best_step") == self.state.best_step:
-                self.best_path = candidate
-                return
+        resumed = self.resume_layout
+        self.layout, run_id, self.continuing = claim_run(self.requested_layout, resumed)
+        if self.continuing:
+            self.run_id = run_id
+            self.saved_path = self.layout.lora  # the file resumed from is the last good checkpoint so far
+            best = self.layout.best
+            if self.state.best_step is not None and best.is_file() and file_run_id(best) == run_id:
+                self.best_path = best
+        else:
+            if self.layout != self.requested_layout:
+                log.warning("%s (or its .best / run folder) already exists and is not this run's: this run is "
+                            "saved as %s", self.requested_layout.lora, self.layout.lora)
+            # A new run's best is its own: held-out results of a run it started from stay in the history.
+            state = self.state
+            state.best_eval = state.best_step = state.best_eval_reward = None
+            state.evals_without_improvement = 0
+            state.stop_reason = "running"
+            write_run_record(self.layout, run_record(self.layout, state, self.run_id, self._extra()))
 
     def _freeze_frozen_parts(self) -> None:
         pipe = self.pipe
@@ -244,6 +297,7 @@ class RewardLoRATrainer:
         self.optimizer.zero_grad(set_to_none=True)
         rewards, losses = [], []
         for micro in range(cfg.grad_accumulation):
+            check_cancel()
             prompts, seeds = self._micro_batch(step, micro)
             uncond = bank.uncond(len(prompts)) if cfg.guidance_scale > 1 else None
             video = rollout_video(pipe, self.settings, bank.cond(prompts), uncond, seeds,
@@ -252,7 +306,7 @@ class RewardLoRATrainer:
             loss = reward_loss(scores, cfg.max_reward, cfg.loss_scale)
             if not torch.isfinite(loss) and not self.dist.active:  # ranks: all stop after the reduction
                 raise _NonFinite(f"the loss is {loss.item()} at step {step + 1}")
-            (loss / cfg.grad_accumulation).backward()
+            self.scaler.scale(loss / cfg.grad_accumulation).backward()
             rewards.append(scores.detach().mean().item())
             losses.append(loss.detach().item())
             del video, scores, loss
@@ -260,13 +314,25 @@ class RewardLoRATrainer:
                                                    sum(losses) / len(losses))
         if not math.isfinite(loss):
             raise _NonFinite(f"the loss is {loss} at step {step + 1}")
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
         params = [p for p in self.lora.parameters() if p.grad is not None]
         limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
         if not math.isfinite(grad_norm):
-            raise _NonFinite(f"the gradient norm is {grad_norm} at step {step + 1}")
+            if not self.scaler.is_enabled():
+                raise _NonFinite(f"the gradient norm is {grad_norm} at step {step + 1}")
+            self._skipped_in_a_row += 1
+            if self._skipped_in_a_row > MAX_SKIPPED_STEPS:
+                raise _NonFinite(f"the gradient was inf/NaN in {self._skipped_in_a_row} fp16 steps in a row "
+                                 f"(loss scale now {self.scaler.get_scale():g}) at step {step + 1}")
+            log.warning("step %d: inf/NaN gradient in fp16; the update is skipped and the loss scale lowered "
+                        "from %g", step + 1, self.scaler.get_scale())
+        else:
+            self._skipped_in_a_row = 0
         with critical():  # a stop signal waits for the whole update
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # without fp16 (scaler disabled): a plain optimizer.step()
+            self.scaler.update()
         return reward, loss, grad_norm
 
     @torch.no_grad()
@@ -276,6 +342,7 @@ class RewardLoRATrainer:
         prompts = list(self.eval_prompts if prompts is None else prompts)
         scores, mine = [], self.dist.shard(len(prompts))  # ranks: prompt i on rank i mod N, gathered below
         for start in range(0, len(mine), cfg.batch_size):
+            check_cancel()
             batch = [prompts[i] for i in mine[start:start + cfg.batch_size]]
             seeds = [cfg.seed + EVAL_SEED_OFFSET + i for i in mine[start:start + cfg.batch_size]]
             uncond = bank.uncond(len(batch)) if cfg.guidance_scale > 1 else None
@@ -308,41 +375,62 @@ class RewardLoRATrainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def _extra(self) -> dict:
+        layout = self.layout
+        files = {}
+        if layout is not None:
+            files = {"lora": self.saved_path, "best": self.best_path, "run_record": layout.run_json,
+                     "training_state": layout.state if layout.state.is_file() else None}
         return dict(self.extra_info, backprop_strategy=self.strategy, base_model=self.pipe.folder,
                     base_version=self.pipe.version, base_loras=[a.name for a in self.model.loras],
-                    best_file=self.best_path.name if self.best_path is not None else None)
+                    run_name=layout.name if layout is not None else None,
+                    best_file=self.best_path.name if self.best_path is not None else None,
+                    files={k: str(v) for k, v in files.items() if v is not None})
+
+    def _optimizer_state(self) -> dict[str, torch.Tensor]:
+        tensors = optimizer_tensors(self.lora.named_factors(), self.optimizer)
+        if self.scaler is not None and self.scaler.is_enabled():
+            tensors[SCALER_PREFIX + "scale"] = torch.tensor(float(self.scaler.get_scale()))
+            tensors[SCALER_PREFIX + "growth_tracker"] = torch.tensor(int(self.scaler.state_dict()["_growth_tracker"]))
+        return tensors
 
     def save(self, stop_reason: str = "") -> Path | None:
-        """The LoRA, its sidecar and the optimizer state (for an exact resume) to `output_path`."""
-        if self.output_path is None or not self.dist.is_main:
+        """The LoRA, the training state (for an exact resume) and run.json of this run (rank 0 only)."""
+        if self.layout is None or not self.dist.is_main:
             return None
         self.state.stop_reason = stop_reason
+        self.saved_path = self.layout.lora  # listed in run.json as this run's
         with critical():  # a stop signal waits until the files are complete
-            moments = optimizer_tensors(self.lora.named_factors(), self.optimizer) if self.optimizer is not None else None
-            self.saved_path = save_checkpoint(self.output_path, self.lora.to_weights(), self.state, self._extra(),
-                                              self.save_dtype, optimizer_state=moments)
+            save_checkpoint(self.layout, self.lora.to_weights(), self.state, self.run_id, self._extra(),
+                            self.save_dtype, optimizer_state=self._optimizer_state())
         return self.saved_path
 
     def _save_best(self) -> None:
-        """The current LoRA as the best held-out one (no optimizer state: it is for use, not resume)."""
-        if self.output_path is None or not self.dist.is_main:
+        """The current LoRA as the best held-out one (a plain LoRA for use; run.json says which step)."""
+        if self.layout is None or not self.dist.is_main:
             return
-        target = best_path(self.output_path)
-        state = dataclasses.replace(self.state, stop_reason=f"best held-out evaluation so far (step {self.state.step})")
-        extra = dict(self._extra(), best_file=target.name, best_of=self.output_path.name,
-                     best_eval_loss=self.state.best_eval)
-        self.best_path = save_checkpoint(target, self.lora.to_weights(), state, extra, self.save_dtype)
+        target = self.layout.best
+        marks = {"easyanimate_reward_best_step": str(self.state.step),
+                 "easyanimate_reward_best_of": self.layout.lora.name}
+        save_lora(target, self.lora.to_weights(), self.state, self.run_id, self.save_dtype, marks)
+        self.best_path = target
+        write_run_record(self.layout, run_record(self.layout, self.state, self.run_id, self._extra()))
         log.info("new best held-out reward %.5g at step %d: saved %s", self.state.best_eval_reward,
                  self.state.step, target)
 
     def _result(self, stop_reason: str) -> TrainResult:
         return TrainResult(self.lora.to_weights(), self.state, self.saved_path, stop_reason, self.best_path,
-                           self.state.best_step, self.state.best_eval_reward)
+                           self.state.best_step, self.state.best_eval_reward, self.layout)
 
     def _save_last_good(self, reason: str) -> Path | None:
-        """On a stop: save the current LoRA if it is finite, else keep the last file as it is."""
-        if self.output_path is None or self.lora is None:
+        """On a stop: save the current LoRA if it is finite and trained since the start, else keep the
+        last file as it is (a run stopped before its first update writes over nothing)."""
+        if self.layout is None or self.lora is None:
             return None
+        if self.state.step == self._start_step:
+            if not self.continuing:  # a record of why the new run stopped, in its own folder
+                self.state.stop_reason = reason
+                write_run_record(self.layout, run_record(self.layout, self.state, self.run_id, self._extra()))
+            return self.saved_path
         if not self.lora.all_finite():
             log.error("LoRA weights are not finite; keeping the last good checkpoint %s", self.saved_path)
             return self.saved_path
@@ -364,9 +452,7 @@ class RewardLoRATrainer:
         self._freeze_frozen_parts()
         sync_loras(self.model)  # LoRAs already on the wire stay applied under the one being trained
         self._build_lora()
-        if self.output_path is not None and self.resume_from is not None \
-                and self.output_path.resolve() == self.resume_from.resolve():
-            self.saved_path = self.output_path  # the file resumed from is the last good checkpoint so far
+        self._claim_files()
         stop_reason = "finished"
         if self.state.step >= cfg.train_steps:
             log.info("nothing to train: already at step %d of %d", self.state.step, cfg.train_steps)
@@ -383,6 +469,7 @@ class RewardLoRATrainer:
                 if self.progress is not None:
                     self.progress(self.state.step, cfg.train_steps)
                 while self.state.step < cfg.train_steps:
+                    check_cancel()
                     started = time.perf_counter()
                     reward, loss, grad_norm = self._train_step(pipe, bank, self.state.step)
                     self.state.step += 1
