@@ -203,7 +203,10 @@ class CompressibilityReward(Reward):
 
 
 class TemporalConsistencyReward(Reward):
-    """Minus the mean difference between neighbouring frames of a video, per frame.
+    """Minus the mean difference between neighbouring frames of a video, per frame: kind
+    "frame_difference". NOT motion compensated: it penalises a smooth pan as much as flicker (a
+    30% flicker scores better than a 2-pixel pan), so a negative weight on it pays for freezing the
+    video. The kind "temporal_consistency" (reward/video.py) warps by the optical flow first.
 
     Frames of one video are consecutive along B; `frames_per_video` splits B into videos (None:
     the whole batch is one video), so no difference is taken across two videos. A frame's score
@@ -211,7 +214,7 @@ class TemporalConsistencyReward(Reward):
     ends; 0 for a single-frame video). `metric`: "l1" (mean |a - b|) or "l2" (mean (a - b)^2).
     """
 
-    name = "temporal_consistency"
+    name = "frame_difference"
     whole_video = True  # compares frames with each other: batch scorers must not split a video
 
     def __init__(self, frames_per_video: int | None = None, metric: str = "l1"):
@@ -252,5 +255,5 @@ SIMPLE_REWARDS = {
     "contrast": ContrastReward,
     "sharpness": SharpnessReward,
     "compressibility": CompressibilityReward,
-    "temporal_consistency": TemporalConsistencyReward,
+    "frame_difference": TemporalConsistencyReward,
 }

@@ -169,7 +169,7 @@ def test_weighted_reward_numbers():
     combined = WeightedReward([(colour, 0.5), (contrast, 10.0), (temporal, -2.0)])
     expected = 0.5 * colour(frames) + 10.0 * contrast(frames) - 2.0 * temporal(frames)
     assert torch.allclose(combined(frames, ["p"]), expected)
-    assert combined.name == "0.5*colorfulness + 10*contrast + -2*temporal_consistency"
+    assert combined.name == "0.5*colorfulness + 10*contrast + -2*frame_difference"
     frames.requires_grad_(True)
     combined(frames).sum().backward()
     assert frames.grad.abs().sum() > 0
