@@ -39,6 +39,7 @@ import torch
 
 from ..fileio import write_text_atomic
 from .base import Reward, WeightedReward
+from .ranges import range_for
 
 OPTIONS_FILE = "reward_options.json"
 TRANSFORMERS_WEIGHT_FILES = (
@@ -290,7 +291,9 @@ KINDS: dict[str, RewardKind] = {
         RewardKind("colorfulness", "Hasler-Suesstrunk colourfulness (0..~150), no weights", (), _build_simple("colorfulness"), ("pixel_scale",)),
         RewardKind("saturation", "mean HSV saturation (0..1), no weights", (), _build_simple("saturation")),
         RewardKind("contrast", "RMS contrast of luma (0..0.5), no weights", (), _build_simple("contrast")),
-        RewardKind("sharpness", "Laplacian energy of luma, no weights", (), _build_simple("sharpness")),
+        RewardKind("sharpness", "edge sharpness: coherence-weighted gradient energy of luma (prefers clean edges "
+                   "over noise; method 'laplacian' is the noise-prone classic), no weights", (),
+                   _build_simple("sharpness"), ("method", "window", "coherence_power")),
         RewardKind(
             "compressibility",
             "minus estimated JPEG bits per pixel (DCT proxy), no weights",
@@ -436,8 +439,32 @@ def load_reward(
     if unknown:
         raise TypeError(f"reward {kind!r} does not take options {unknown}; it takes {list(spec.options) or 'none'}")
     device = torch.device(device)
-    reward = spec.build(Path(folder) if folder is not None else None, device, resolve_dtype(dtype, device), merged)
+    reward = spec.build(Path(folder) if folder is not None else None, device, resolve_dtype(dtype, device),
+                        dict(merged))
+    reward.typical_range = range_for(kind, merged)  # for normalised combinations (reward/combine.py)
     return reward.freeze()
+
+
+# What EasyAnimate's own reward trainer (easyanimate/reward/reward_fn.py) computes, where the
+# pack's default differs: PickScore and MPS as the plain cosine (no logit scale: its `|r - 1|`
+# loss with max_reward 1 assumes that scale), and every image squashed to 224x224 (both sides
+# resized, aspect ratio not kept) instead of each model's own crop / letterbox.
+EASYANIMATE_OPTIONS: dict[str, dict] = {
+    "hps_v2": {"preprocess_mode": "squash"},
+    "hps_v2.1": {"preprocess_mode": "squash"},
+    "pickscore": {"use_logit_scale": False},
+    "mps": {"use_logit_scale": False, "preprocess_mode": "squash"},
+    "aesthetic_v2": {"preprocess_mode": "squash"},
+}
+SCORINGS = ("pack", "easyanimate")
+
+
+def scoring_options(kind: str, scoring: str = "pack") -> dict:
+    """Loader options for a scoring convention: "pack" (each model as its authors score it; the
+    default) or "easyanimate" (as EasyAnimate's reward trainer scores it)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    return dict(EASYANIMATE_OPTIONS.get(kind, {})) if scoring == "easyanimate" else {}
 
 
 def expected_files_markdown() -> str:

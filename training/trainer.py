@@ -39,6 +39,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, resolve_strategy, select_grad_steps
+from .guards import GUARD_STATE_KEY, TrainingGuards
 from .lora_layers import LoraLayers
 from .rollout import (
     PromptBank,
@@ -118,6 +119,10 @@ class RewardLoRATrainer:
         self.save_dtype = save_dtype
         self.extra_info = dict(extra_info or {})
         self.settings = RolloutSettings.from_config(config)
+        self.guards = TrainingGuards(self)  # motion guards, preserve term, reward-normalisation state
+        self.settings = self.guards.rollout_settings(self.settings)
+        self.eval_settings = self.guards.eval_settings(self.settings)
+        self._last_eval_motion: float | None = None
         self.strategy = resolve_strategy(config.backprop, is_flow_matching(self.pipe))
         self.state = TrainingState(config=config.to_dict())
         self.lora: LoraLayers | None = None
@@ -244,8 +249,13 @@ class RewardLoRATrainer:
             uncond = bank.uncond(len(prompts)) if cfg.guidance_scale > 1 else None
             video = rollout_video(pipe, self.settings, bank.cond(prompts), uncond, seeds,
                                   self.grad_steps_for(step, micro), cfg.detach_input, self._sampling_callback())
-            scores = video_rewards(self.reward, video, prompts, cfg.num_sampled_frames)
+            with self.guards.updating_statistics():
+                scores = video_rewards(self.reward, video, prompts, self.settings.num_sampled_frames)
             loss = reward_loss(scores, cfg.max_reward, cfg.loss_scale)
+            if cfg.preserve != "none":  # the base model's rollout on the same noise and prompts
+                base = self.guards.base_rollout(lambda: rollout_video(
+                    pipe, self.settings, bank.cond(prompts), uncond, seeds, (), step_callback=self._sampling_callback()))
+                loss = loss + self.guards.preserve_loss(video, base)
             if not torch.isfinite(loss):
                 raise _NonFinite(f"the loss is {loss.item()} at step {step + 1}")
             (loss / cfg.grad_accumulation).backward()
@@ -265,15 +275,18 @@ class RewardLoRATrainer:
         """Mean reward and loss on the held-out prompts: same rollout, no graph, fixed seeds."""
         cfg = self.config
         prompts = list(self.eval_prompts if prompts is None else prompts)
-        scores = []
+        scores, motions = [], []
         for start in range(0, len(prompts), cfg.batch_size):
             batch = prompts[start:start + cfg.batch_size]
             seeds = [cfg.seed + EVAL_SEED_OFFSET + start + i for i in range(len(batch))]
             uncond = bank.uncond(len(batch)) if cfg.guidance_scale > 1 else None
-            video = rollout_video(pipe, self.settings, bank.cond(batch), uncond, seeds, (),
+            video = rollout_video(pipe, self.eval_settings, bank.cond(batch), uncond, seeds, (),
                                   step_callback=self._sampling_callback())
-            scores.append(video_rewards(self.reward, video, batch, cfg.num_sampled_frames))
+            scores.append(video_rewards(self.reward, self.guards.reward_frames(video), batch,
+                                        self.settings.num_sampled_frames))
+            motions.append(self.guards.eval_motion(video))
         scores = torch.cat(scores)
+        self._last_eval_motion = None if None in motions else torch.cat(motions).mean().item()
         return scores.mean().item(), reward_loss(scores, cfg.max_reward, cfg.loss_scale).item()
 
     def _record_eval(self, pipe, bank: PromptBank) -> tuple[float, bool]:
@@ -293,15 +306,17 @@ class RewardLoRATrainer:
             state.evals_without_improvement += 1
         log.info("held-out at step %d: reward %.5g (loss %.5g, %d evaluations without improvement)",
                  state.step, reward, loss, state.evals_without_improvement)
+        motion_stop = self.guards.record_eval(reward, self._last_eval_motion)
         patience = self.config.early_stop_patience
-        return reward, bool(patience and state.evals_without_improvement >= patience)
+        return reward, bool(patience and state.evals_without_improvement >= patience) or motion_stop
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def _extra(self) -> dict:
         return dict(self.extra_info, backprop_strategy=self.strategy, base_model=self.pipe.folder,
                     base_version=self.pipe.version, base_loras=[a.name for a in self.model.loras],
-                    best_file=self.best_path.name if self.best_path is not None else None)
+                    best_file=self.best_path.name if self.best_path is not None else None,
+                    **{GUARD_STATE_KEY: self.guards.extra_state()})
 
     def save(self, stop_reason: str = "") -> Path | None:
         """The LoRA, its sidecar and the optimizer state (for an exact resume) to `output_path`."""
@@ -354,6 +369,9 @@ class RewardLoRATrainer:
         self._freeze_frozen_parts()
         sync_loras(self.model)  # LoRAs already on the wire stay applied under the one being trained
         self._build_lora()
+        self.guards.reset()  # reward-normalisation statistics never leak from an earlier run
+        if self.resume_from is not None:
+            self.guards.restore(read_sidecar(self.resume_from))
         if self.output_path is not None and self.resume_from is not None \
                 and self.output_path.resolve() == self.resume_from.resolve():
             self.saved_path = self.output_path  # the file resumed from is the last good checkpoint so far
@@ -368,6 +386,8 @@ class RewardLoRATrainer:
         try:
             with hold_on_device(self.pipe) as pipe:
                 evaluating = cfg.eval_every > 0 and bool(self.eval_prompts)
+                if evaluating:
+                    self.guards.prepare_base(pipe, bank)  # the base model's held-out motion, once per run
                 if evaluating and not self.state.history["eval_step"]:
                     self._record_eval(pipe, bank)  # baseline before any update
                 if self.progress is not None:
@@ -395,6 +415,9 @@ class RewardLoRATrainer:
                         self.on_step(report)
                     if self.progress is not None:
                         self.progress(step, cfg.train_steps)
+                    if early_stop and self.guards.stop_reason:
+                        stop_reason = self.guards.stop_reason
+                        break
                     if early_stop:
                         stop_reason = "early stop"
                         log.info("early stop at step %d: held-out reward did not improve in %d evaluations; "
@@ -440,7 +463,14 @@ def history_plot(history: dict, width: int = 640, height: int = 300) -> torch.Te
         losses["held-out loss"] = along_steps(history["eval_step"], history.get("eval_loss", []))
     top = plot_series(rewards, "reward per step", "step", "reward", width, height)
     bottom = plot_series(losses, "loss per step", "step", "loss", width, height)
-    return torch.cat([top, bottom], dim=1)
+    panels = [top, bottom]
+    motion = [m for m in history.get("eval_motion", []) if m is not None]
+    if history["eval_step"] and motion:
+        change = [c for c in history.get("eval_motion_change", []) if c is not None]
+        title = "held-out motion (px/frame)" + (f", last {change[-1]:+.1f}% vs base" if change else "")
+        series = {"held-out motion": along_steps(history["eval_step"], history.get("eval_motion", []))}
+        panels.append(plot_series(series, title, "step", "motion", width, height))
+    return torch.cat(panels, dim=1)
 
 
 __all__ = ["RewardLoRATrainer", "TrainConfig", "TrainResult", "StepReport", "TrainingDivergedError",
