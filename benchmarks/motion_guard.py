@@ -38,14 +38,21 @@ HELD_OUT = ["a boat on a lake", "a bird flying over a city", "a person walking i
             "leaves falling in autumn"]
 
 
-def run(pipe, preserve: str, weight: float, args) -> dict:
+def image_reward(args):
+    from easyanimate_reward.reward.combine import normalized_combination
+
+    colour = load_reward("colorfulness")
+    return normalized_combination([(colour, 1.0)], "scale") if args.normalize else colour
+
+
+def run(pipe, preserve: str, weight: float, args, reward=None) -> dict:
     config = TrainConfig(width=64, height=64, frames=9, sampling_steps=4, guidance_scale=1.0, rank=4, alpha=4.0,
                          learning_rate=args.lr, weight_decay=0.0, max_grad_norm=1.0, batch_size=2,
                          train_steps=args.steps, save_every=0, eval_every=args.steps, seed=0, backprop="tail",
                          backprop_k=2, num_decoded_latents=2, num_sampled_frames=1, gradient_checkpointing=False,
                          preserve=preserve, preserve_weight=weight)
     started = time.perf_counter()
-    result = RewardLoRATrainer(EasyAnimateModel(pipe), load_reward("colorfulness"), PROMPTS, config,
+    result = RewardLoRATrainer(EasyAnimateModel(pipe), reward or image_reward(args), PROMPTS, config,
                                eval_prompts=HELD_OUT).train()
     history = result.state.history
     return {"seconds": time.perf_counter() - started,
@@ -60,14 +67,24 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--preserve-weight", type=float, nargs="+", default=[1000.0])
+    parser.add_argument("--normalize", action="store_true",
+                        help="scale-normalise colourfulness to its typical range (0..1) first")
+    parser.add_argument("--motion-term", type=float, nargs="*", default=[],
+                        help="also train 'colourfulness + W x motion' (both scale-normalised) for each W")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     folder = cached_tiny_models(os.path.join(os.path.dirname(__file__), "..", ".cache", "tiny-models"))["v5"]
     pipe = load_pipe(folder, "fp32", "none")
-    rows = {"colorfulness only": run(pipe, "none", 0.0, args)}
+    from easyanimate_reward.reward.combine import normalized_combination
+
+    label = "colorfulness (scale-normalised)" if args.normalize else "colorfulness"
+    rows = {f"{label} only": run(pipe, "none", 0.0, args)}
     for weight in args.preserve_weight:
-        rows[f"colorfulness + preserve motion (weight {weight:g})"] = run(pipe, "motion", weight, args)
+        rows[f"{label} + preserve motion (weight {weight:g})"] = run(pipe, "motion", weight, args)
+    for weight in args.motion_term:
+        mixed = normalized_combination([(load_reward("colorfulness"), 1.0), (load_reward("motion"), weight)], "scale")
+        rows[f"colorfulness + {weight:g} x motion (scale-normalised)"] = run(pipe, "none", 0.0, args, mixed)
     print(f"tiny V5, 64x64x9, 4 sampling steps, {args.steps} steps of batch 2, lr {args.lr:g}; held-out: "
           f"{len(HELD_OUT)} prompts on fixed seeds")
     print("| run | held-out reward gain | held-out motion change vs base | training reward first -> last | time |")

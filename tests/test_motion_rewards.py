@@ -126,7 +126,11 @@ def test_raft_loads_with_weights_only_and_gives_shapes_and_gradients(tmp_path):
     motion = load_reward("motion_raft_small", folder, num_flow_updates=2)
     consistency = load_reward("temporal_consistency_raft_small", folder, num_flow_updates=2)
     video = pan_video(1.0, size=40, frames=3).requires_grad_(True)  # below 128 px: upsampled inside
+    seen = []
+    hook = motion.estimator.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     flow = motion.estimator(video[:2], video[1:])
+    hook.remove()
+    assert seen == [(2, 3, 128, 128)]  # RAFT itself ran at 128 px (sides a multiple of 8)
     assert flow.shape == (2, 2, 40, 40)
     scores = motion(video)
     assert scores.shape == (3,) and torch.isfinite(scores).all()
