@@ -9,7 +9,8 @@ Exact mix: per module, the ranks are concatenated,
 
 so up @ down = sum_i w_i s_i up_i @ down_i: applying the mix at strength 1 is applying every
 LoRA at its weight. Exact in float32 (to float rounding); a bf16 file rounds each factor to 8
-mantissa bits: measured relative error of the update below 0.5% (`bf16_error` reports it).
+mantissa bits: relative error of the update 0.16% on the test LoRAs, stated bound 0.5%
+(`rounding_error` reports it).
 A module present in only some of the LoRAs gets only their ranks; per-module ranks are what the
 official kohya format (and EasyAnimate's merge_lora, alpha / up.shape[1]) reads.
 

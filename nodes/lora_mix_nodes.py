@@ -37,7 +37,7 @@ class EasyAnimateLoraMix(io.ComfyNode):
                          tooltip="0: exact mix (ranks concatenated: rank = sum of the ranks). N: reduce every "
                                  "module to rank N by SVD; the relative error is reported."),
             io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default="bf16",
-                           tooltip="bf16: the official files' dtype (relative error of the update about 0.3%, "
+                           tooltip="bf16: the official files' dtype (relative error of the update about 0.2%, "
                                    "reported); fp32: exact."),
             io.String.Input("name", default="easyanimate_lora_mix",
                             tooltip="File name in models/loras ('.safetensors' is added); an existing file is never "

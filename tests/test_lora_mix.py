@@ -73,7 +73,7 @@ def test_bf16_mix_file_within_the_stated_tolerance(two_loras, tmp_path):
     model, hps, mps = two_loras
     mixed, _ = mix_loras([(hps, 0.5), (mps, 0.7)])
     error = rounding_error(mixed, torch.bfloat16)
-    assert error < 5e-3  # the module doc's bound; measured about 3e-3
+    assert error < 2.5e-3  # measured 1.6e-3 (0 when every weight x alpha / rank is a power of 2)
     file = save_lora_file(tmp_path / "mix_bf16.safetensors", mixed, dtype=torch.bfloat16)
     loaded = load_lora_file(file, model)
     num = sum(float((delta(loaded.modules[p]) - delta(m)).pow(2).sum()) for p, m in mixed.modules.items())
