@@ -11,9 +11,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..reward.base import WeightedReward
+from ..reward.combine import NORMALIZATIONS, normalized_combination
 from ..reward.plot import plot_series
-from ..reward.registry import REWARD_KINDS, check_files, expected_files, missing_files, needs_files, load_reward
+from ..reward.ranges import range_for
+from ..reward.registry import (REWARD_KINDS, SCORINGS, check_files, expected_files, missing_files, needs_files,
+                               load_reward, scoring_options)
 from ..reward.scoring import format_frame_scores, format_ranking, rank_videos, score_images, select_videos
 from .common import REWARD_FOLDER, progress_callback
 from .types import RewardModelType
@@ -50,10 +52,12 @@ def find_reward_folder(kind: str) -> str | None:
 
 
 def _kind_tooltip() -> str:
-    lines = ["Which reward. Files are read from models/reward_models:"]
+    lines = ["Which reward (typical range in brackets). Files are read from models/reward_models:"]
     for kind in REWARD_KINDS:
         files = [f.path + ("/" if f.is_folder else "") for f in expected_files(kind) if f.required]
-        lines.append(f"{kind}: {', '.join(files) if files else 'no files (weight-free)'}")
+        limits = range_for(kind)
+        span = f" [{limits.low:.3g} .. {limits.high:.3g}]" if limits else ""
+        lines.append(f"{kind}{span}: {', '.join(files) if files else 'no files (weight-free)'}")
     return "\n".join(lines)
 
 
@@ -74,17 +78,22 @@ class RewardModelLoader(io.ComfyNode):
                 io.Combo.Input("dtype", options=list(DTYPES), default="auto",
                                tooltip="Weight dtype. auto: bfloat16 on a GPU that supports it, else float32. "
                                        "Weight-free rewards always compute in float32."),
+                io.Combo.Input("scoring", options=list(SCORINGS), default="pack", optional=True,
+                               tooltip="pack: each model scored as its authors do (PickScore / MPS x100 logit "
+                                       "scale, HPS letterbox, CLIP crop). easyanimate: as EasyAnimate's reward "
+                                       "trainer does (PickScore / MPS plain cosine, every image squashed to 224), "
+                                       "to reproduce its recipes (max_reward 1 assumes the plain cosine)."),
             ],
             outputs=[RewardModelType.Output(display_name="reward")],
         )
 
     @classmethod
-    def execute(cls, kind, device, dtype) -> io.NodeOutput:
+    def execute(cls, kind, device, dtype, scoring="pack") -> io.NodeOutput:
         torch_device = resolve_device(device)
         # Outside ComfyUI's inference mode: training backpropagates through the reward's weights.
         with torch.inference_mode(False):
             # dtype "auto" is resolved by the registry for this device (bf16 on a capable GPU).
-            reward = load_reward(kind, find_reward_folder(kind), torch_device, dtype)
+            reward = load_reward(kind, find_reward_folder(kind), torch_device, dtype, **scoring_options(kind, scoring))
         return io.NodeOutput(reward)
 
 
@@ -97,12 +106,19 @@ class RewardCombine(io.ComfyNode):
                                                 tooltip=f"Reward term {slot} (leave unconnected to skip)."))
             inputs.append(io.Float.Input(f"weight_{slot}", default=1.0, min=-1000.0, max=1000.0, step=0.01,
                                          tooltip=f"Weight of reward {slot}; negative penalises it."))
+        inputs.append(io.Combo.Input(
+            "normalization", options=list(NORMALIZATIONS), default="none", optional=True,
+            tooltip="none: raw scores (scales differ ~10^3: colourfulness ~50, HPS ~0.3). scale: each term "
+                    "mapped by its kind's typical range to 0..1 first, so the weights mean what they say. zscore: "
+                    "each term standardised by running statistics of its scores on the training rollouts "
+                    "(saved with the trainer's checkpoints, reset at the start of every training run)."))
         return io.Schema(
             node_id="RewardCombine",
             display_name="Combine Rewards",
             category=CATEGORY,
-            description="Weighted sum of up to four rewards, e.g. 1.0 x HPS + 0.5 x aesthetic - 1.0 x flicker. "
-                        "Rewards live on different scales (HPS ~0.3, PickScore ~20, aesthetic ~5): weigh accordingly.",
+            description="Weighted sum of up to four rewards, e.g. 1.0 x HPS + 0.5 x aesthetic + 0.5 x motion. "
+                        "Rewards live on different scales (HPS ~0.3, PickScore ~20, aesthetic ~5): normalise them "
+                        "('scale' or 'zscore') or weigh accordingly.",
             inputs=inputs,
             outputs=[RewardModelType.Output(display_name="reward")],
         )
@@ -116,7 +132,7 @@ class RewardCombine(io.ComfyNode):
         ]
         if not terms:
             raise ValueError("Combine Rewards: connect at least one reward")
-        return io.NodeOutput(WeightedReward(terms))
+        return io.NodeOutput(normalized_combination(terms, kwargs.get("normalization") or "none"))
 
 
 class RewardScoreFrames(io.ComfyNode):

@@ -13,6 +13,7 @@ from ..training.config import BACKPROP_STRATEGIES, TrainConfig, parse_optional_n
 from ..training.run_layout import RUNS_FOLDER, RunLayout
 from ..training.prompts import load_prompts
 from ..training.trainer import RewardLoRATrainer as CoreTrainer, StepReport, history_plot
+from .guard_inputs import guard_inputs, guard_settings
 from .common import LORA_FOLDER, check_interrupt, lora_file_names, progress_callback
 from .types import EasyAnimateModelType, RewardModelType
 
@@ -140,6 +141,7 @@ class RewardLoRATrainerNode(io.ComfyNode):
                                      "the summary then names the best checkpoint (<name>.best.safetensors)."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward (transformer and VAE): far less memory."),
+                *guard_inputs(),
                 io.Combo.Input("resume_from", options=_resume_options(), default=NO_RESUME, optional=True,
                                tooltip="Continue a run from its LoRA (step count, history, AdamW's state and float32 "
                                        "weights come from its run folder: the run continues as if never stopped). "
@@ -158,7 +160,8 @@ class RewardLoRATrainerNode(io.ComfyNode):
                 cfg, backprop, backprop_k, backprop_start, backprop_end, backprop_steps, drtune, num_decoded_latents,
                 num_sampled_frames, rank, alpha, target_modules, learning_rate, weight_decay, adam_eps, max_grad_norm,
                 grad_accumulation, batch_size, seed, max_reward, loss_scale, save_every, lora_name, eval_prompts,
-                eval_every, early_stop_patience, gradient_checkpointing, resume_from=NO_RESUME) -> io.NodeOutput:
+                eval_every, early_stop_patience, gradient_checkpointing, resume_from=NO_RESUME,
+                **guards) -> io.NodeOutput:
         search = [folder_paths.get_input_directory()]
         train_prompts = load_prompts(prompts, search, "training prompts", confine=True)
         held_out = load_prompts(eval_prompts, search, "held-out prompts", allow_empty=True, confine=True)
@@ -172,7 +175,7 @@ class RewardLoRATrainerNode(io.ComfyNode):
             weight_decay=weight_decay, adam_eps=adam_eps, max_grad_norm=max_grad_norm,
             grad_accumulation=grad_accumulation, batch_size=batch_size, seed=seed,
             gradient_checkpointing=gradient_checkpointing, save_every=save_every, eval_every=eval_every,
-            early_stop_patience=early_stop_patience,
+            early_stop_patience=early_stop_patience, **guard_settings(guards),
         ).validate()
         layout = run_layout(lora_name)
         resume = _resume_layout(resume_from) if resume_from and resume_from != NO_RESUME else None

@@ -134,10 +134,12 @@ class AestheticReward(Reward):
 class AestheticV2Reward(AestheticReward):
     """LAION improved aesthetic predictor on CLIP ViT-L/14 (`CLIPVisionModelWithProjection`)."""
 
-    def __init__(self, vision_model: nn.Module, head: nn.Sequential):
+    def __init__(self, vision_model: nn.Module, head: nn.Sequential, preprocess_mode: str = "crop"):
+        # "crop" (default): CLIP's own processor (shortest side + centre crop). "squash": both
+        # sides to 224 without keeping the aspect ratio, as EasyAnimate's reward trainer does.
         config = vision_model.config
         super().__init__(
-            vision_model, head, config.image_size, "crop", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "aesthetic_v2"
+            vision_model, head, config.image_size, preprocess_mode, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "aesthetic_v2"
         )
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -236,14 +238,16 @@ def load_aesthetic_v2(
     head_path: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    preprocess_mode: str = "crop",
 ) -> AestheticV2Reward:
-    """CLIP ViT-L/14 transformers folder + `sac+logos+ava1-l14-linearMSE.pth` -> reward."""
+    """CLIP ViT-L/14 transformers folder + `sac+logos+ava1-l14-linearMSE.pth` -> reward.
+    `preprocess_mode` "squash" scores like EasyAnimate's reward trainer."""
     from transformers import CLIPVisionModelWithProjection
 
     head = load_head(head_path, V2_HEAD_PREFIX, V2_LINEAR_POSITIONS)
     vision = _load_vision(CLIPVisionModelWithProjection, clip_vision_config(clip_folder), clip_folder, device, dtype)
     _check_width(vision.config.projection_dim, head, head_path, clip_folder)
-    return AestheticV2Reward(vision, head.to(device))
+    return AestheticV2Reward(vision, head.to(device), preprocess_mode)
 
 
 def load_aesthetic_v2_5(

@@ -1,7 +1,8 @@
 """PickScore v1: a transformers CLIP-H fine-tuned on Pick-a-Pic preferences.
 
 score = logit_scale.exp() * cosine(image embedding, text embedding) (PickScore's README; ~20 for a
-good match). Its processor is LAION CLIP-ViT-H-14's: shortest side to 224 (bicubic), centre crop
+good match). `use_logit_scale=False` gives the plain cosine (~0.2) that EasyAnimate's reward
+trainer uses (its `|r - 1|` loss with max_reward 1 assumes that scale). Its processor is LAION CLIP-ViT-H-14's: shortest side to 224 (bicubic), centre crop
 224, OpenAI mean/std: our "crop" mode.
 
 Embeddings are taken as `visual_projection(vision_model(x).pooler_output)` and
@@ -44,10 +45,12 @@ class PickScoreReward(ClipReward):
         tokenizer: ClipTokenizer,
         preprocess_mode: str = "crop",
         name: str = "pickscore",
+        use_logit_scale: bool = True,
     ):
         super().__init__(preprocess_mode, model.config.vision_config.image_size, name)
         self.model = model
         self.tokenizer = tokenizer
+        self.use_logit_scale = bool(use_logit_scale)
         self.freeze()
 
     @torch.no_grad()
@@ -60,6 +63,8 @@ class PickScoreReward(ClipReward):
         image = clip_image_embeddings(self.model, pixel_values).float()
         text = self.text_embeddings(prompts).float()
         cosine = torch.nn.functional.cosine_similarity(image, text, dim=-1, eps=1e-12)
+        if not self.use_logit_scale:
+            return cosine
         return self.model.logit_scale.float().exp() * cosine
 
     def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -96,10 +101,11 @@ def load_pickscore(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     preprocess_mode: str = "crop",
+    use_logit_scale: bool = True,
 ) -> PickScoreReward:
     """PickScore v1 from a local folder (config.json + weights, tokenizer files optional)."""
     folder = check_clip_folder(folder, "PickScore", PICKSCORE_SOURCE_HINT)
     model = load_clip_model_folder(folder, device, dtype)
     tokenizer = tokenizer_for_folder(folder)
     log.info("loaded PickScore from %s (%s, %s), tokenizer: %s", folder, device, dtype, tokenizer.source)
-    return PickScoreReward(model, tokenizer, preprocess_mode)
+    return PickScoreReward(model, tokenizer, preprocess_mode, use_logit_scale=use_logit_scale)

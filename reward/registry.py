@@ -39,6 +39,7 @@ import torch
 
 from ..fileio import write_text_atomic
 from .base import Reward, WeightedReward
+from .ranges import range_for
 
 OPTIONS_FILE = "reward_options.json"
 TRANSFORMERS_WEIGHT_FILES = (
@@ -161,7 +162,8 @@ def _build_aesthetic_v2(folder, device, dtype, options):
     from .aesthetic import load_aesthetic_v2
 
     base = folder / "aesthetic"
-    return load_aesthetic_v2(base / "clip-vit-large-patch14", base / "sac+logos+ava1-l14-linearMSE.pth", device, dtype)
+    return load_aesthetic_v2(base / "clip-vit-large-patch14", base / "sac+logos+ava1-l14-linearMSE.pth", device, dtype,
+                             **options)
 
 
 def _build_aesthetic_v2_5(folder, device, dtype, options):
@@ -177,6 +179,39 @@ def _build_simple(kind: str):
 
         # Weight-free: dtype does not apply (they compute in float32), only the device of buffers.
         return SIMPLE_REWARDS[kind](**options).to(device)
+
+    return build
+
+
+VIDEO_OPTIONS = ("frames_per_video", "max_size", "window", "iterations")
+RAFT_OPTIONS = ("frames_per_video", "num_flow_updates")
+RAFT_FILES = {"raft_small": "raft_small_C_T_V2-01064c6d.pth", "raft_large": "raft_large_C_T_SKHT_V2-ff5fadd5.pth"}
+RAFT_SOURCE = ("torchvision's {variant} weights (torchvision.models.optical_flow, Raft_{size}_Weights.DEFAULT: "
+               "https://download.pytorch.org/models/{file})")
+
+
+def _raft_file(variant: str) -> ExpectedFile:
+    return ExpectedFile(
+        f"raft/{variant}.pth",
+        f"torchvision {variant} state dict",
+        RAFT_SOURCE.format(variant=variant, size=variant.split("_")[1].capitalize(), file=RAFT_FILES[variant]),
+        preferred_alternatives=(f"raft/{RAFT_FILES[variant]}",),
+    )
+
+
+def _build_video(what: str, raft: str | None):
+    def build(folder, device, dtype, options):
+        from .flow import PyramidFlow, load_raft
+        from .video import FlowConsistencyReward, MotionReward
+
+        frames_per_video = options.pop("frames_per_video", None)
+        detach = {"detach_flow": options.pop("detach_flow")} if "detach_flow" in options else {}
+        if raft is None:
+            estimator = PyramidFlow(**options)  # weight-free: float32 whatever the dtype
+        else:
+            estimator = load_raft(_raft_file(raft).location(folder), raft, device, dtype, **options)
+        cls = MotionReward if what == "motion" else FlowConsistencyReward
+        return cls(estimator, frames_per_video, **detach).to(device)
 
     return build
 
@@ -201,7 +236,7 @@ KINDS: dict[str, RewardKind] = {
             "PickScore v1: CLIP-H fine-tuned on Pick-a-Pic; 100 * cosine(image, prompt), about 20",
             (ExpectedFile("PickScore_v1", "PickScore v1 transformers CLIPModel folder", PICKSCORE_SOURCE, form="model_folder"),),
             _build_pickscore,
-            ("preprocess_mode",),
+            ("preprocess_mode", "use_logit_scale"),
         ),
         RewardKind(
             "mps",
@@ -237,6 +272,7 @@ KINDS: dict[str, RewardKind] = {
                 ),
             ),
             _build_aesthetic_v2,
+            ("preprocess_mode",),
         ),
         RewardKind(
             "aesthetic_v2.5",
@@ -255,7 +291,9 @@ KINDS: dict[str, RewardKind] = {
         RewardKind("colorfulness", "Hasler-Suesstrunk colourfulness (0..~150), no weights", (), _build_simple("colorfulness"), ("pixel_scale",)),
         RewardKind("saturation", "mean HSV saturation (0..1), no weights", (), _build_simple("saturation")),
         RewardKind("contrast", "RMS contrast of luma (0..0.5), no weights", (), _build_simple("contrast")),
-        RewardKind("sharpness", "Laplacian energy of luma, no weights", (), _build_simple("sharpness")),
+        RewardKind("sharpness", "edge sharpness: coherence-weighted gradient energy of luma (prefers clean edges "
+                   "over noise; method 'laplacian' is the noise-prone classic), no weights", (),
+                   _build_simple("sharpness"), ("method", "window", "coherence_power")),
         RewardKind(
             "compressibility",
             "minus estimated JPEG bits per pixel (DCT proxy), no weights",
@@ -264,11 +302,39 @@ KINDS: dict[str, RewardKind] = {
             ("quality", "softness", "bits_per_coefficient"),
         ),
         RewardKind(
-            "temporal_consistency",
-            "minus mean difference to neighbouring frames, no weights",
+            "frame_difference",
+            "minus mean difference to neighbouring frames, NOT motion compensated (penalises a pan like flicker), no weights",
             (),
-            _build_simple("temporal_consistency"),
+            _build_simple("frame_difference"),
             ("frames_per_video", "metric"),
+        ),
+        RewardKind(
+            "motion",
+            "mean optical-flow magnitude between consecutive frames of a video (pixels per frame; weight-free "
+            "coarse-to-fine flow)",
+            (),
+            _build_video("motion", None),
+            VIDEO_OPTIONS,
+        ),
+        RewardKind(
+            "temporal_consistency",
+            "minus the motion-compensated warp error between consecutive frames (0 = perfectly consistent; "
+            "weight-free coarse-to-fine flow)",
+            (),
+            _build_video("temporal_consistency", None),
+            VIDEO_OPTIONS + ("detach_flow",),
+        ),
+        *(
+            RewardKind(
+                f"{what}_{variant}",
+                f"{'mean optical-flow magnitude' if what == 'motion' else 'minus the motion-compensated warp error'} "
+                f"of consecutive frames, flow by torchvision {variant} (frames upsampled to >= 128 px)",
+                (_raft_file(variant),),
+                _build_video(what, variant),
+                RAFT_OPTIONS + (("detach_flow",) if what == "temporal_consistency" else ()),
+            )
+            for what in ("motion", "temporal_consistency")
+            for variant in ("raft_small", "raft_large")
         ),
     )
 }
@@ -373,8 +439,32 @@ def load_reward(
     if unknown:
         raise TypeError(f"reward {kind!r} does not take options {unknown}; it takes {list(spec.options) or 'none'}")
     device = torch.device(device)
-    reward = spec.build(Path(folder) if folder is not None else None, device, resolve_dtype(dtype, device), merged)
+    reward = spec.build(Path(folder) if folder is not None else None, device, resolve_dtype(dtype, device),
+                        dict(merged))
+    reward.typical_range = range_for(kind, merged)  # for normalised combinations (reward/combine.py)
     return reward.freeze()
+
+
+# What EasyAnimate's own reward trainer (easyanimate/reward/reward_fn.py) computes, where the
+# pack's default differs: PickScore and MPS as the plain cosine (no logit scale: its `|r - 1|`
+# loss with max_reward 1 assumes that scale), and every image squashed to 224x224 (both sides
+# resized, aspect ratio not kept) instead of each model's own crop / letterbox.
+EASYANIMATE_OPTIONS: dict[str, dict] = {
+    "hps_v2": {"preprocess_mode": "squash"},
+    "hps_v2.1": {"preprocess_mode": "squash"},
+    "pickscore": {"use_logit_scale": False},
+    "mps": {"use_logit_scale": False, "preprocess_mode": "squash"},
+    "aesthetic_v2": {"preprocess_mode": "squash"},
+}
+SCORINGS = ("pack", "easyanimate")
+
+
+def scoring_options(kind: str, scoring: str = "pack") -> dict:
+    """Loader options for a scoring convention: "pack" (each model as its authors score it; the
+    default) or "easyanimate" (as EasyAnimate's reward trainer scores it)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    return dict(EASYANIMATE_OPTIONS.get(kind, {})) if scoring == "easyanimate" else {}
 
 
 def expected_files_markdown() -> str:

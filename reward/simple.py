@@ -80,24 +80,53 @@ class ContrastReward(Reward):
 
 
 class SharpnessReward(Reward):
-    """Laplacian energy: mean squared 3x3 Laplacian response of luma (a classic focus measure).
+    """Sharpness of edges: gradient energy weighted by how edge-like the neighbourhood is.
 
-    Measured at the frame's own resolution (edges are counted per pixel, so resizing changes it):
-    compare frames of the same size.
+    method "edges" (default): per pixel, the structure tensor of luma (central-difference
+    gradients, Gaussian window sigma `window`) gives the gradient energy trace = l1 + l2 and the
+    coherence ((l1 - l2) / (l1 + l2))^`coherence_power`, 1 on a straight edge and near 0 for noise
+    (random gradient directions); the score is the mean of energy x coherence. Clean edges score
+    high, the same edges blurred lower, pure noise lowest (a 64 px test: clean rectangles 0.0035,
+    blurred 0.0012, uniform noise 0.00045, rectangles + noise 0.0020): it cannot be raised by
+    adding grain.
+    method "laplacian": the classic focus measure, mean squared 3x3 Laplacian response. It is
+    noise-prone (pure noise 0.71 vs clean edges 0.03 on the same test): kept for comparison, not
+    for training.
+
+    Measured at the frame's own resolution (per-pixel gradients): compare frames of one size.
     """
 
     name = "sharpness"
+    METHODS = ("edges", "laplacian")
 
-    def __init__(self):
+    def __init__(self, method: str = "edges", window: float = 1.5, coherence_power: float = 4.0):
         super().__init__()
+        if method not in self.METHODS:
+            raise ValueError(f"sharpness method must be one of {self.METHODS}, got {method!r}")
+        self.method, self.window, self.coherence_power = method, float(window), float(coherence_power)
         kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
         self.register_buffer("laplacian", kernel, persistent=False)
 
-    def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        y = luma(frames.float())
+    def _laplacian_energy(self, y: torch.Tensor) -> torch.Tensor:
         # Replicate padding: the border must not look like an edge.
         response = F.conv2d(F.pad(y, (1, 1, 1, 1), mode="replicate"), self.laplacian.to(y.device))
         return response.pow(2).flatten(1).mean(dim=1)
+
+    def _edge_energy(self, y: torch.Tensor) -> torch.Tensor:
+        from .flow import gaussian_blur
+
+        padded = F.pad(y, (1, 1, 1, 1), mode="replicate")
+        gx = 0.5 * (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2])
+        gy = 0.5 * (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1])
+        a, b, c = gaussian_blur(torch.cat([gx * gx, gx * gy, gy * gy], dim=1), self.window).unbind(dim=1)
+        trace = a + c
+        spread = torch.sqrt((a - c) ** 2 + 4 * b * b + 1e-12)
+        coherence = (spread / (trace + 1e-6)).pow(self.coherence_power)
+        return (trace * coherence).flatten(1).mean(dim=1)
+
+    def score(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        y = luma(frames.float())
+        return self._laplacian_energy(y) if self.method == "laplacian" else self._edge_energy(y)
 
 
 # --- JPEG compressibility proxy ---------------------------------------------------------------
@@ -203,7 +232,10 @@ class CompressibilityReward(Reward):
 
 
 class TemporalConsistencyReward(Reward):
-    """Minus the mean difference between neighbouring frames of a video, per frame.
+    """Minus the mean difference between neighbouring frames of a video, per frame: kind
+    "frame_difference". NOT motion compensated: it penalises a smooth pan as much as flicker (a
+    30% flicker scores better than a 2-pixel pan), so a negative weight on it pays for freezing the
+    video. The kind "temporal_consistency" (reward/video.py) warps by the optical flow first.
 
     Frames of one video are consecutive along B; `frames_per_video` splits B into videos (None:
     the whole batch is one video), so no difference is taken across two videos. A frame's score
@@ -211,7 +243,7 @@ class TemporalConsistencyReward(Reward):
     ends; 0 for a single-frame video). `metric`: "l1" (mean |a - b|) or "l2" (mean (a - b)^2).
     """
 
-    name = "temporal_consistency"
+    name = "frame_difference"
     whole_video = True  # compares frames with each other: batch scorers must not split a video
 
     def __init__(self, frames_per_video: int | None = None, metric: str = "l1"):
@@ -252,5 +284,5 @@ SIMPLE_REWARDS = {
     "contrast": ContrastReward,
     "sharpness": SharpnessReward,
     "compressibility": CompressibilityReward,
-    "temporal_consistency": TemporalConsistencyReward,
+    "frame_difference": TemporalConsistencyReward,
 }

@@ -15,6 +15,7 @@ from easyanimate_reward.reward.registry import (
     OPTIONS_FILE,
     REWARD_KINDS,
     expected_files,
+    needs_files,
     expected_files_markdown,
     load_reward,
     parse_combination,
@@ -28,9 +29,13 @@ from easyanimate_reward.tools.convert_mps_checkpoint import convert_mps_checkpoi
 
 ALL_KINDS = (
     "hps_v2", "hps_v2.1", "pickscore", "mps", "aesthetic_v2", "aesthetic_v2.5",
-    "colorfulness", "saturation", "contrast", "sharpness", "compressibility", "temporal_consistency",
+    "colorfulness", "saturation", "contrast", "sharpness", "compressibility", "frame_difference", "motion",
+    "temporal_consistency", "motion_raft_small", "motion_raft_large", "temporal_consistency_raft_small",
+    "temporal_consistency_raft_large",
 )
-FILE_KINDS = [k for k in ALL_KINDS if any(f.required for f in expected_files(k))]
+RAFT_KINDS = ["motion_raft_small", "motion_raft_large", "temporal_consistency_raft_small",
+              "temporal_consistency_raft_large"]
+FILE_KINDS = [k for k in ALL_KINDS if any(f.required for f in expected_files(k)) and k not in RAFT_KINDS]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,7 @@ def tiny_folder(tmp_path_factory):
 def test_every_kind_is_registered():
     assert set(REWARD_KINDS) == set(ALL_KINDS)
     assert FILE_KINDS == ["hps_v2", "hps_v2.1", "pickscore", "mps", "aesthetic_v2", "aesthetic_v2.5"]
+    assert all(needs_files(k) for k in RAFT_KINDS)  # RAFT weights: tests/test_motion_rewards.py
     table = expected_files_markdown()
     for kind in ALL_KINDS:
         assert f"`{kind}`" in table
@@ -148,7 +154,7 @@ def test_bad_kind_and_options(tiny_folder):
 
 def test_every_kind_loads_scores_and_backpropagates(tiny_folder):
     frames = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
-    for kind in ALL_KINDS:
+    for kind in [k for k in ALL_KINDS if k not in RAFT_KINDS]:  # RAFT: tests/test_motion_rewards.py
         reward = load_reward(kind, tiny_folder, "cpu", "float32")
         assert isinstance(reward, Reward)
         assert all(not p.requires_grad for p in reward.parameters())
@@ -164,8 +170,10 @@ def test_folder_options_and_caller_options(tiny_folder):
     assert set(table) == {"hps_v2", "hps_v2.1", "mps"}  # only the tiny architectures need telling
     reward = load_reward("hps_v2.1", tiny_folder, preprocess_mode="squash")
     assert reward.preprocess_mode == "squash"
-    temporal = load_reward("temporal_consistency", None, frames_per_video=2, metric="l2")
+    temporal = load_reward("frame_difference", None, frames_per_video=2, metric="l2")
     assert temporal.frames_per_video == 2 and temporal.metric == "l2"
+    warped = load_reward("temporal_consistency", None, frames_per_video=3, max_size=64, detach_flow=False)
+    assert (warped.frames_per_video, warped.estimator.max_size, warped.detach_flow) == (3, 64, False)
 
 
 def test_parse_combination_terms():

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reward-dtype", default=None, help="reward weight dtype (default: the model precision)")
     parser.add_argument("--save-dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the LoRA file")
+    parser.add_argument("--reward-normalization", choices=["none", "scale", "zscore"], default="none",
+                        help="normalise each term of a combined --reward first: by its kind's typical range (scale) "
+                             "or by running statistics saved with the checkpoints (zscore)")
+    parser.add_argument("--scoring", choices=["pack", "easyanimate"], default="pack",
+                        help="easyanimate: score as EasyAnimate's reward trainer (PickScore/MPS plain cosine, squash)")
     defaults = TrainConfig()
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -91,15 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_reward_spec(spec: str, folder: str | None, device, dtype):
-    from ..reward.base import WeightedReward
-    from ..reward.registry import REWARD_KINDS, load_reward, parse_combination_terms
+def load_reward_spec(spec: str, folder: str | None, device, dtype, normalization: str = "none",
+                     scoring: str = "pack"):
+    from ..reward.combine import normalized_combination
+    from ..reward.registry import REWARD_KINDS, load_reward, parse_combination_terms, scoring_options
 
-    if spec in REWARD_KINDS:
-        return load_reward(spec, folder, device, dtype)
-    terms = parse_combination_terms(spec)
-    loaded = {name: load_reward(name, folder, device, dtype) for name in dict.fromkeys(n for n, _ in terms)}
-    return WeightedReward([(loaded[name], weight) for name, weight in terms]).freeze()
+    def load(name):
+        return load_reward(name, folder, device, dtype, **scoring_options(name, scoring))
+
+    if spec in REWARD_KINDS and normalization == "none":
+        return load(spec)
+    terms = [(spec, 1.0)] if spec in REWARD_KINDS else parse_combination_terms(spec)
+    loaded = {name: load(name) for name in dict.fromkeys(n for n, _ in terms)}
+    return normalized_combination([(loaded[name], weight) for name, weight in terms], normalization).freeze()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +140,8 @@ def _train(args, config: TrainConfig, dist, device) -> int:
     prompts = read_prompt_file(args.prompts)
     eval_prompts = read_prompt_file(args.eval_prompts) if args.eval_prompts else []
     pipe = load_pipe(args.model, args.precision, args.memory_mode, device=device)
-    reward = load_reward_spec(args.reward, args.reward_folder, device, args.reward_dtype or pipe.dtype)
+    reward = load_reward_spec(args.reward, args.reward_folder, device, args.reward_dtype or pipe.dtype,
+                              args.reward_normalization, args.scoring)
     trainer = RewardLoRATrainer(
         EasyAnimateModel(pipe), reward, prompts, config, output_path=args.output, run_dir=args.run_dir,
         eval_prompts=eval_prompts, resume_from=args.resume,

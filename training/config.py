@@ -158,6 +158,12 @@ class TrainConfig:
     save_every: int = 100  # 0: only at the end
     eval_every: int = 0  # 0: no held-out evaluation
     early_stop_patience: int = 0  # evaluations without a held-out improvement before stopping; 0: never
+    # guards against lost motion and reward hacking (training/guards.py)
+    motion_latents: int = 2  # a reward with a time-aware term decodes at least this many latents; 0: as set
+    eval_motion: bool = True  # held-out evaluation also measures motion, against the base model's
+    motion_stop_drop: float = 0.0  # % : stop when held-out reward is up and motion down by more; 0: off
+    preserve: str = "none"  # "motion" | "frames": penalise the distance to the base model's rollout
+    preserve_weight: float = 1.0
 
     def validate(self) -> "TrainConfig":
         from ..easyanimate.sampling import check_video_size
@@ -203,6 +209,9 @@ class TrainConfig:
                              "clear backprop_steps or choose 'list'")
         if self.backprop == "list" or has_list:
             parse_step_list(self.backprop_steps, self.sampling_steps)
+        from .guards import validate_guard_settings
+
+        validate_guard_settings(self)
         return self
 
     def to_dict(self) -> dict:

@@ -27,6 +27,7 @@ from ..easyanimate.sampling import (
     set_timesteps,
 )
 from ..easyanimate.text import TextConditioning, encode_prompts
+from ..reward.video import score_per_video
 from .config import TrainConfig
 
 GradSteps = Collection[int] | Callable[[int], Collection[int]]
@@ -206,7 +207,8 @@ def frame_rewards(reward, video: torch.Tensor, prompts: Sequence[str], count: in
     device = _module_device(reward)
     if device is not None and frames.device != device:
         frames = frames.to(device)
-    scores = reward(frames, frame_prompts).float()
+    # A time-aware term (motion, temporal consistency) only ever sees one video's frames.
+    scores = score_per_video(reward, frames, frame_prompts, per_video).float()
     return scores.view(video.shape[0], per_video)
 
 

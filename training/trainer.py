@@ -44,8 +44,9 @@ from .checkpoint import (
 )
 from .config import TrainConfig, resolve_strategy, select_grad_steps
 from .distributed import SINGLE_PROCESS, DataParallel, critical
+from .guards import GUARD_STATE_KEY, TrainingGuards
 from .lora_layers import LoraLayers
-from .run_layout import RunLayout, claim_run, file_run_id, new_run_id
+from .run_layout import RunLayout, claim_run, file_run_id, new_run_id, read_run_record
 from .rollout import (
     PromptBank,
     RolloutSettings,
@@ -145,6 +146,10 @@ class RewardLoRATrainer:
         self.extra_info = dict(extra_info or {})
         self.dist = distributed or SINGLE_PROCESS  # ranks: own prompts/seeds, averaged grads, rank 0 writes
         self.settings = RolloutSettings.from_config(config)
+        self.guards = TrainingGuards(self)  # motion guards, preserve term, reward-normalisation state
+        self.settings = self.guards.rollout_settings(self.settings)
+        self.eval_settings = self.guards.eval_settings(self.settings)
+        self._last_eval_motion: float | None = None
         self.strategy = resolve_strategy(config.backprop, is_flow_matching(self.pipe), config.backprop_steps)
         self.state = TrainingState(config=config.to_dict())
         self.lora: LoraLayers | None = None
@@ -302,8 +307,13 @@ class RewardLoRATrainer:
             uncond = bank.uncond(len(prompts)) if cfg.guidance_scale > 1 else None
             video = rollout_video(pipe, self.settings, bank.cond(prompts), uncond, seeds,
                                   self.grad_steps_for(step, micro), cfg.detach_input, self._sampling_callback())
-            scores = frame_rewards(self.reward, video, prompts, cfg.num_sampled_frames)
+            with self.guards.updating_statistics():
+                scores = frame_rewards(self.reward, video, prompts, self.settings.num_sampled_frames)
             loss = reward_loss(scores, cfg.max_reward, cfg.loss_scale)
+            if cfg.preserve != "none":  # the base model's rollout on the same noise and prompts
+                base = self.guards.base_rollout(lambda: rollout_video(
+                    pipe, self.settings, bank.cond(prompts), uncond, seeds, (), step_callback=self._sampling_callback()))
+                loss = loss + self.guards.preserve_loss(video, base)
             if not torch.isfinite(loss) and not self.dist.active:  # ranks: all stop after the reduction
                 raise _NonFinite(f"the loss is {loss.item()} at step {step + 1}")
             self.scaler.scale(loss / cfg.grad_accumulation).backward()
@@ -340,16 +350,24 @@ class RewardLoRATrainer:
         """Mean reward and loss on the held-out prompts: same rollout, no graph, fixed seeds."""
         cfg = self.config
         prompts = list(self.eval_prompts if prompts is None else prompts)
-        scores, mine = [], self.dist.shard(len(prompts))  # ranks: prompt i on rank i mod N, gathered below
+        scores, motions, mine = [], [], self.dist.shard(len(prompts))  # ranks: prompt i on rank i mod N
         for start in range(0, len(mine), cfg.batch_size):
             check_cancel()
             batch = [prompts[i] for i in mine[start:start + cfg.batch_size]]
             seeds = [cfg.seed + EVAL_SEED_OFFSET + i for i in mine[start:start + cfg.batch_size]]
             uncond = bank.uncond(len(batch)) if cfg.guidance_scale > 1 else None
-            video = rollout_video(pipe, self.settings, bank.cond(batch), uncond, seeds, (),
+            video = rollout_video(pipe, self.eval_settings, bank.cond(batch), uncond, seeds, (),
                                   step_callback=self._sampling_callback())
-            scores.append(frame_rewards(self.reward, video, batch, cfg.num_sampled_frames))
-        scores = self.dist.gather_rows(mine, scores, len(prompts))
+            scores.append(frame_rewards(self.reward, self.guards.reward_frames(video), batch,
+                                        self.settings.num_sampled_frames))
+            motions.append(self.guards.eval_motion(video))
+        scores = self.dist.gather_rows(mine, scores, len(prompts))  # every rank gets all rows, in order
+        motion_rows = [m for m in motions if m is not None]
+        if self.guards.measures_motion and len(motion_rows) == len(motions):
+            gathered = self.dist.gather_rows(mine, motion_rows, len(prompts))
+            self._last_eval_motion = None if gathered is None else gathered.mean().item()
+        else:
+            self._last_eval_motion = None
         return scores.mean().item(), reward_loss(scores, cfg.max_reward, cfg.loss_scale).item()
 
     def _record_eval(self, pipe, bank: PromptBank) -> tuple[float, bool]:
@@ -369,8 +387,9 @@ class RewardLoRATrainer:
             state.evals_without_improvement += 1
         log.info("held-out at step %d: reward %.5g (loss %.5g, %d evaluations without improvement)",
                  state.step, reward, loss, state.evals_without_improvement)
+        motion_stop = self.guards.record_eval(reward, self._last_eval_motion)
         patience = self.config.early_stop_patience
-        return reward, bool(patience and state.evals_without_improvement >= patience)
+        return reward, bool(patience and state.evals_without_improvement >= patience) or motion_stop
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -384,7 +403,8 @@ class RewardLoRATrainer:
                     base_version=self.pipe.version, base_loras=[a.name for a in self.model.loras],
                     run_name=layout.name if layout is not None else None,
                     best_file=self.best_path.name if self.best_path is not None else None,
-                    files={k: str(v) for k, v in files.items() if v is not None})
+                    files={k: str(v) for k, v in files.items() if v is not None},
+                    **{GUARD_STATE_KEY: self.guards.extra_state()})
 
     def _optimizer_state(self) -> dict[str, torch.Tensor]:
         tensors = optimizer_tensors(self.lora.named_factors(), self.optimizer)
@@ -453,6 +473,9 @@ class RewardLoRATrainer:
         sync_loras(self.model)  # LoRAs already on the wire stay applied under the one being trained
         self._build_lora()
         self._claim_files()
+        self.guards.reset()  # reward-normalisation statistics never leak from an earlier run
+        if self.resume_layout is not None:
+            self.guards.restore(read_run_record(self.resume_layout))
         stop_reason = "finished"
         if self.state.step >= cfg.train_steps:
             log.info("nothing to train: already at step %d of %d", self.state.step, cfg.train_steps)
@@ -464,6 +487,8 @@ class RewardLoRATrainer:
         try:
             with hold_on_device(self.pipe) as pipe:
                 evaluating = cfg.eval_every > 0 and bool(self.eval_prompts)
+                if evaluating:
+                    self.guards.prepare_base(pipe, bank)  # the base model's held-out motion, once per run
                 if evaluating and not self.state.history["eval_step"]:
                     self._record_eval(pipe, bank)  # baseline before any update
                 if self.progress is not None:
@@ -492,6 +517,9 @@ class RewardLoRATrainer:
                         self.on_step(report)
                     if self.progress is not None:
                         self.progress(step, cfg.train_steps)
+                    if early_stop and self.guards.stop_reason:
+                        stop_reason = self.guards.stop_reason
+                        break
                     if early_stop:
                         stop_reason = "early stop"
                         log.info("early stop at step %d: held-out reward did not improve in %d evaluations; "
@@ -537,7 +565,14 @@ def history_plot(history: dict, width: int = 640, height: int = 300) -> torch.Te
         losses["held-out loss"] = along_steps(history["eval_step"], history.get("eval_loss", []))
     top = plot_series(rewards, "reward per step", "step", "reward", width, height)
     bottom = plot_series(losses, "loss per step", "step", "loss", width, height)
-    return torch.cat([top, bottom], dim=1)
+    panels = [top, bottom]
+    motion = [m for m in history.get("eval_motion", []) if m is not None]
+    if history["eval_step"] and motion:
+        change = [c for c in history.get("eval_motion_change", []) if c is not None]
+        title = "held-out motion (px/frame)" + (f", last {change[-1]:+.1f}% vs base" if change else "")
+        series = {"held-out motion": along_steps(history["eval_step"], history.get("eval_motion", []))}
+        panels.append(plot_series(series, title, "step", "motion", width, height))
+    return torch.cat(panels, dim=1)
 
 
 __all__ = ["RewardLoRATrainer", "TrainConfig", "TrainResult", "StepReport", "TrainingDivergedError",
