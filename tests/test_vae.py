@@ -124,8 +124,9 @@ def test_plans_follow_the_memory_budget(vae):
     untiled = vae_peak_bytes(vae, *args)
     assert plan_vae(vae, *args, budget_bytes=None) == UNTILED
     assert plan_vae(vae, *args, budget_bytes=untiled) == UNTILED
-    plan = plan_vae(vae, *args, budget_bytes=untiled // 3)
-    assert plan.tiled and plan.tile < 384 // 8 and vae_peak_bytes(vae, *args, plan) <= untiled // 3
+    budget = untiled * 3 // 5  # the tiles' float32 blend buffer is a large part on the 8-channel tiny VAE
+    plan = plan_vae(vae, *args, budget_bytes=budget)
+    assert plan.tiled and 8 < plan.tile < 384 // 8 and vae_peak_bytes(vae, *args, plan) <= budget
     two = (2, 384, 384, 49, torch.bfloat16)
     assert plan_vae(vae, *two, budget_bytes=vae_peak_bytes(vae, *two) - 1) == VaePlan(slice_batch=True)
     # the real Magvit VAE (block_out_channels[0] = 128): 4.8 GiB for a 384x672 chunk, as measured
