@@ -106,6 +106,11 @@ class TrainConfig:
     detach_input: bool = False  # DRTune: stop-gradient at the transformer input on grad steps
     num_decoded_latents: int = 1
     num_sampled_frames: int = 1
+    shift: float = 0.0  # flow-matching models: 0 = the folder's own schedule
+    # inference speed-ups, off in training and held-out evaluation unless turned on here
+    teacache: bool = False
+    teacache_threshold: float = 0.10
+    cfg_skip_ratio: float = 0.0
     # loss
     max_reward: float | None = None  # set: loss = |reward - max_reward| * scale; else -reward * scale
     loss_scale: float = 1.0
@@ -163,6 +168,9 @@ class TrainConfig:
                 raise ValueError(f"target_modules {self.target_modules!r} is not a valid regular expression: {e}") from e
         if self.backprop == "list":
             parse_step_list(self.backprop_steps, self.sampling_steps)
+        from ..easyanimate.step_cache import SpeedSettings
+
+        SpeedSettings(self.teacache, self.teacache_threshold, self.cfg_skip_ratio).validate()
         return self
 
     def to_dict(self) -> dict:
