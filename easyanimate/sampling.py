@@ -16,23 +16,15 @@ import torch.nn.functional as F
 
 from .cancel import check_cancel
 from .model import EasyAnimateModel, EasyAnimatePipe
+from .schedulers import FLOW_SCHEDULERS, NOISE_SCHEDULERS, SCHEDULER_CHOICES  # noqa: F401 (re-exported)
+from .schedulers import build_scheduler, check_shift, check_steps
+from .preview import denoised_estimate
+from .step_cache import DEFAULT_TEACACHE_THRESHOLD, LoopSpeedups, SpeedSettings
 from .text import TextConditioning, encode_prompts
 from .vae import vae_budget, vae_decode, vae_encode_mode
 
 LATENT_CHANNELS = 16
 INPAINT_NOISE_RATIO = 0.0563  # diffusers' EasyAnimate default noise augmentation of the start image
-
-# Scheduler names a user can pick. Noise-prediction (V5, DDIM-trained) models take any of the
-# first five; flow-matching (V5.1) models only the flow sampler.
-NOISE_SCHEDULERS = {
-    "DDIM": "DDIMScheduler",
-    "Euler": "EulerDiscreteScheduler",
-    "Euler A": "EulerAncestralDiscreteScheduler",
-    "DPM++": "DPMSolverMultistepScheduler",
-    "PNDM": "PNDMScheduler",
-}
-FLOW_SCHEDULERS = {"Flow": "FlowMatchEulerDiscreteScheduler"}
-SCHEDULER_CHOICES = ("auto",) + tuple(NOISE_SCHEDULERS) + tuple(FLOW_SCHEDULERS)
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -41,11 +33,11 @@ def is_flow_matching(pipe: EasyAnimatePipe) -> bool:
     return "FlowMatch" in pipe.scheduler_config.get("_class_name", "")
 
 
-def make_scheduler(pipe: EasyAnimatePipe, name: str = "auto"):
-    """A fresh scheduler (they are stateful) built from the folder's own scheduler config."""
-    import diffusers
-
+def make_scheduler(pipe: EasyAnimatePipe, name: str = "auto", shift: float = 0.0):
+    """A fresh scheduler (they are stateful) built from the folder's own scheduler config.
+    `shift`: flow-matching models only, 0 = the folder's own (easyanimate/schedulers.py)."""
     flow = is_flow_matching(pipe)
+    check_shift(shift, flow)
     if name == "auto":
         class_name = pipe.scheduler_config.get("_class_name", "")
     elif name in FLOW_SCHEDULERS and flow:
@@ -56,13 +48,15 @@ def make_scheduler(pipe: EasyAnimatePipe, name: str = "auto"):
         allowed = ["auto", *(FLOW_SCHEDULERS if flow else NOISE_SCHEDULERS)]
         raise ValueError(f"scheduler {name!r} does not fit this {'flow-matching' if flow else 'noise-prediction'} "
                          f"model ({pipe.version}); choose one of {', '.join(allowed)}")
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        raise ValueError(f"unknown scheduler class {class_name!r} in {pipe.folder}/scheduler/scheduler_config.json")
-    return cls.from_config(pipe.scheduler_config)
+    try:
+        return build_scheduler(class_name, pipe.scheduler_config, flow, shift)
+    except ValueError as e:
+        raise ValueError(f"{e} (scheduler {name!r}, {pipe.folder}/scheduler/scheduler_config.json)") from None
 
 
 def set_timesteps(scheduler, steps: int, device) -> torch.Tensor:
+    """Set the schedule for `steps` steps; refuses a count the scheduler cannot run (schedulers.check_steps)."""
+    check_steps(scheduler, steps)
     if getattr(scheduler.config, "use_dynamic_shifting", False):
         scheduler.set_timesteps(steps, device=device, mu=1)  # what EasyAnimate's pipelines pass
     else:
@@ -142,15 +136,17 @@ def inpaint_condition(pipe: EasyAnimatePipe, shape, frames: int, start_images: t
 
 
 def predict_noise(transformer, latents, t, cond: TextConditioning, inpaint, guidance_scale: float,
-                  uncond: TextConditioning | None):
-    """One transformer evaluation with classifier-free guidance (uncond first, as diffusers does)."""
-    cfg = uncond is not None and guidance_scale > 1.0
+                  uncond: TextConditioning | None, speed: LoopSpeedups | None = None):
+    """One transformer evaluation with classifier-free guidance (uncond first, as diffusers does).
+    `speed`: the loop's TeaCache / cfg-skip state (easyanimate/step_cache.py), None = plain."""
+    cfg = uncond is not None and guidance_scale > 1.0 and not (speed is not None and speed.skip_uncond())
     model_in = torch.cat([latents, latents]) if cfg else latents
     text = TextConditioning.cat([uncond, cond]) if cfg else cond
     extra = torch.cat([inpaint, inpaint]) if cfg else inpaint
     t_batch = t.expand(model_in.shape[0]).to(model_in.dtype)
-    out = transformer(model_in, t_batch, encoder_hidden_states=text.embeds,
-                      encoder_hidden_states_t5=text.embeds_t5, inpaint_latents=extra, return_dict=False)[0]
+    forward = transformer if speed is None else speed.forward
+    out = forward(model_in, t_batch, encoder_hidden_states=text.embeds,
+                  encoder_hidden_states_t5=text.embeds_t5, inpaint_latents=extra, return_dict=False)[0]
     if out.shape[1] != LATENT_CHANNELS:  # models that also predict variance
         out = out[:, :LATENT_CHANNELS]
     if cfg:
@@ -162,30 +158,39 @@ def predict_noise(transformer, latents, t, cond: TextConditioning, inpaint, guid
 def denoise(transformer, scheduler, timesteps, latents: torch.Tensor, cond: TextConditioning,
             inpaint: torch.Tensor, guidance_scale: float, uncond: TextConditioning | None = None,
             grad_steps: Container[int] = (), detach_input: bool = False,
-            step_callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+            step_callback: StepCallback | None = None,
+            generator: torch.Generator | list[torch.Generator] | None = None,
+            speed: SpeedSettings | None = None) -> torch.Tensor:
     """Run the sampler from `latents` over `timesteps`.
 
     grad_steps: indices of the steps whose transformer call keeps a graph (training); empty for
     inference. detach_input: stop the gradient at the transformer's input on those steps (DRTune),
     so each step's gradient reaches the LoRA without travelling back through earlier steps' inputs.
+    generator: one per video of the batch (a list), so a seed's stochastic steps (Euler A, DDIM
+    eta > 0) draw the same noise in any batch. speed: TeaCache / cfg-skip (off when None).
+    step_callback(done, total, denoised): `denoised` is the current estimate of the clean latents.
     """
     total = len(timesteps)
     step_kwargs = {"generator": generator} if generator is not None and _accepts_generator(scheduler) else {}
+    loop = LoopSpeedups(transformer, speed, total) if speed is not None and speed.active else None
     for i, t in enumerate(timesteps):
         check_cancel()  # between sampling steps
         keep_graph = i in grad_steps and torch.is_grad_enabled()
+        if loop is not None:
+            loop.begin(i, keep_graph)
         model_in = latents
         if hasattr(scheduler, "scale_model_input"):
             model_in = scheduler.scale_model_input(model_in, t)
         if keep_graph:
             noise_pred = predict_noise(transformer, model_in.detach() if detach_input else model_in, t, cond,
-                                       inpaint, guidance_scale, uncond)
+                                       inpaint, guidance_scale, uncond, loop)
         else:
             with torch.no_grad():
-                noise_pred = predict_noise(transformer, model_in, t, cond, inpaint, guidance_scale, uncond)
-        latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
+                noise_pred = predict_noise(transformer, model_in, t, cond, inpaint, guidance_scale, uncond, loop)
+        step = scheduler.step(noise_pred, t, latents, return_dict=True, **step_kwargs)
         if step_callback is not None:
-            step_callback(i + 1, total, latents)
+            step_callback(i + 1, total, denoised_estimate(scheduler, step, latents, noise_pred, t))
+        latents = step.prev_sample
     return latents
 
 
@@ -219,6 +224,14 @@ class SampleRequest:
     videos: int = 1
     scheduler: str = "auto"
     start_image: torch.Tensor | None = None  # (3, H, W) or (1, 3, H, W) in [0, 1]: image-to-video
+    # Sampler and speed options (easyanimate/schedulers.py, easyanimate/step_cache.py)
+    shift: float = 0.0  # flow-matching models: 0 = the folder's own
+    teacache: bool = False
+    teacache_threshold: float = DEFAULT_TEACACHE_THRESHOLD
+    cfg_skip_ratio: float = 0.0
+
+    def speed(self) -> SpeedSettings:
+        return SpeedSettings(self.teacache, self.teacache_threshold, self.cfg_skip_ratio).validate()
 
 
 def sync_loras(model: EasyAnimateModel) -> None:
@@ -259,6 +272,8 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
     check_guidance(request.guidance_scale)
     if request.steps < 1:
         raise ValueError("steps must be at least 1")
+    speed = request.speed()
+    check_steps(make_scheduler(pipe, request.scheduler, request.shift), request.steps)  # before any work
     device = pipe.compute_device
     seeds = [request.seed + i for i in range(request.videos)]
     cond, uncond = text or encode_request_prompts(pipe, request.prompt, request.negative_prompt,
@@ -274,7 +289,7 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
     latents_per_video = []
     with pipe.placement.use(pipe.transformer):
         for v, (seed, inpaint) in enumerate(zip(seeds, inpaints)):
-            scheduler = make_scheduler(pipe, request.scheduler)
+            scheduler = make_scheduler(pipe, request.scheduler, request.shift)
             timesteps = set_timesteps(scheduler, request.steps, device)
             latents = initial_noise(shape, [seed], device, pipe.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
             callback = None
@@ -283,7 +298,7 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
                 callback = lambda i, n, x, done=done: step_callback(done + i, total, x)  # noqa: E731
             latents_per_video.append(denoise(pipe.transformer, scheduler, timesteps, latents, cond, inpaint,
                                              request.guidance_scale, uncond, step_callback=callback,
-                                             generator=seeded_generator(seed, 2)))
+                                             generator=seeded_generator(seed, 2), speed=speed))
     with pipe.placement.use(pipe.vae):
         videos = [decode_latents(pipe, latents)[0] for latents in latents_per_video]
     return torch.cat([video.permute(1, 2, 3, 0).float().cpu() for video in videos])  # (F, H, W, 3) each

@@ -113,13 +113,15 @@ class PipeCache:
 PIPES = PipeCache()
 
 
-def progress_callback(total: int, node_id: str | None = None):
-    """A (done, total, latest) callback that drives a ComfyUI progress bar and honours Cancel."""
+def progress_callback(total: int, node_id: str | None = None, preview=None):
+    """A (done, total, latest) callback that drives a ComfyUI progress bar and honours Cancel.
+    `preview(done, total, latest)`: a preview image tuple to send with the bar, or None (nodes/speed.py)."""
     bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
     def on_step(done: int, total_now: int, _latest=None) -> None:
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, total_now)
+        image = None if preview is None else preview(done, total_now, _latest)
+        bar.update_absolute(done, total_now, image)
 
     return on_step
 

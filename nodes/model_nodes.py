@@ -8,7 +8,9 @@ from ..easyanimate.loading import PRECISIONS
 from ..easyanimate.memory import MEMORY_MODES
 from ..easyanimate.model import EasyAnimateModel
 from ..easyanimate.sampling import SCHEDULER_CHOICES, SampleRequest, check_video_size, sample_video
+from ..easyanimate.step_cache import DEFAULT_TEACACHE_THRESHOLD
 from .common import PIPES, model_folder_names, progress_callback, resolve_model_folder
+from .speed import PREVIEW_EVERY, latent_previewer, speed_inputs
 from .types import EasyAnimateModelType
 
 
@@ -71,24 +73,30 @@ class EasyAnimateSampler(io.ComfyNode):
                              tooltip="Each video gets seed, seed+1, ...: a seed gives the same video in any batch."),
                 io.Combo.Input("scheduler", options=list(SCHEDULER_CHOICES), default="auto",
                                tooltip="auto: the model folder's own scheduler. V5 (noise prediction): DDIM, Euler, "
-                                       "Euler A, DPM++, PNDM. V5.1 (flow matching): Flow."),
+                                       "Euler A, DPM++, PNDM (4 steps or more). V5.1 (flow matching): Flow (Euler), "
+                                       "Flow UniPC, Flow DPM++ (multistep: good at 20-30 steps)."),
                 io.Int.Input("videos", default=1, min=1, max=64,
                              tooltip="How many videos (seeds) to sample; e.g. candidates for best-of-N ranking."),
                 io.Image.Input("start_image", optional=True,
                                tooltip="Image-to-video: the first frame. Resized to width x height."),
+                *speed_inputs(),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[io.Image.Output(display_name="frames")],
         )
 
     @classmethod
     def execute(cls, model, prompt, negative_prompt, width, height, frames, steps, cfg, seed, scheduler,
-                videos=1, start_image=None) -> io.NodeOutput:
+                videos=1, start_image=None, shift=0.0, teacache=False, teacache_threshold=DEFAULT_TEACACHE_THRESHOLD,
+                cfg_skip_ratio=0.0, preview_every=PREVIEW_EVERY) -> io.NodeOutput:
         check_video_size(width, height, frames)
         start = None if start_image is None else start_image[:1].permute(0, 3, 1, 2)
         request = SampleRequest(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                 frames=frames, steps=steps, guidance_scale=cfg, seed=seed, videos=videos,
-                                scheduler=scheduler, start_image=start)
-        on_step = progress_callback(steps * videos, cls.hidden.unique_id if cls.hidden else None)
+                                scheduler=scheduler, start_image=start, shift=shift, teacache=teacache,
+                                teacache_threshold=teacache_threshold, cfg_skip_ratio=cfg_skip_ratio)
+        on_step = progress_callback(steps * videos, cls.hidden.unique_id if cls.hidden else None,
+                                    preview=latent_previewer(model.pipe, preview_every))
         return io.NodeOutput(sample_video(model, request, on_step))
 
 

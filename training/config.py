@@ -137,6 +137,11 @@ class TrainConfig:
     detach_input: bool = False  # DRTune: stop-gradient at the transformer input on grad steps
     num_decoded_latents: int = 1
     num_sampled_frames: int = 1  # frames scored, spread like linspace(0, F - 1, n).long(); 0 = all decoded frames
+    shift: float = 0.0  # flow-matching models: 0 = the folder's own schedule
+    # inference speed-ups, off in training and held-out evaluation unless turned on here
+    teacache: bool = False
+    teacache_threshold: float = 0.10
+    cfg_skip_ratio: float = 0.0
     # loss
     max_reward: float | None = None  # set: loss = |reward - max_reward| * scale; else -reward * scale
     loss_scale: float = 1.0
@@ -209,8 +214,10 @@ class TrainConfig:
                              "clear backprop_steps or choose 'list'")
         if self.backprop == "list" or has_list:
             parse_step_list(self.backprop_steps, self.sampling_steps)
+        from ..easyanimate.step_cache import SpeedSettings
         from .guards import validate_guard_settings
 
+        SpeedSettings(self.teacache, self.teacache_threshold, self.cfg_skip_ratio).validate()
         validate_guard_settings(self)
         return self
 

@@ -26,6 +26,7 @@ from ..easyanimate.sampling import (
     seeded_generator,
     set_timesteps,
 )
+from ..easyanimate.step_cache import DEFAULT_TEACACHE_THRESHOLD, SpeedSettings
 from ..easyanimate.text import TextConditioning, encode_prompts
 from ..reward.video import score_per_video
 from .config import TrainConfig
@@ -44,11 +45,18 @@ class RolloutSettings:
     scheduler: str = "auto"
     num_decoded_latents: int = 1
     num_sampled_frames: int = 1
+    # Inference speed-ups and the flow shift: off / the folder's own unless turned on explicitly.
+    shift: float = 0.0
+    speed: SpeedSettings = SpeedSettings()
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "RolloutSettings":
+        speed = SpeedSettings(getattr(config, "teacache", False),
+                              getattr(config, "teacache_threshold", DEFAULT_TEACACHE_THRESHOLD),
+                              getattr(config, "cfg_skip_ratio", 0.0))
         return cls(config.width, config.height, config.frames, config.sampling_steps, config.guidance_scale,
-                   config.scheduler, config.num_decoded_latents, config.num_sampled_frames)
+                   config.scheduler, config.num_decoded_latents, config.num_sampled_frames,
+                   getattr(config, "shift", 0.0), speed)
 
 
 @contextlib.contextmanager
@@ -166,7 +174,7 @@ def rollout_video(pipe: EasyAnimatePipe, settings: RolloutSettings, cond: TextCo
     no_grad; run the whole call under torch.no_grad() for evaluation.
     """
     device = pipe.compute_device
-    scheduler = make_scheduler(pipe, settings.scheduler)
+    scheduler = make_scheduler(pipe, settings.scheduler, settings.shift)
     timesteps = set_timesteps(scheduler, settings.sampling_steps, device)
     chosen = grad_steps(len(timesteps)) if callable(grad_steps) else grad_steps
     shape = latent_shape(len(seeds), settings.width, settings.height, settings.frames)
@@ -175,7 +183,7 @@ def rollout_video(pipe: EasyAnimatePipe, settings: RolloutSettings, cond: TextCo
     guidance = settings.guidance_scale if uncond is not None else 1.0
     latents = denoise(pipe.transformer, scheduler, timesteps, latents, cond, inpaint, guidance, uncond,
                       grad_steps=frozenset(chosen), detach_input=detach_input, step_callback=step_callback,
-                      generator=seeded_generator(seeds[0], 2))
+                      generator=[seeded_generator(s, 2) for s in seeds], speed=settings.speed)  # one per video
     return decode_latents(pipe, latents, settings.num_decoded_latents)
 
 
