@@ -5,7 +5,7 @@ same classes the real checkpoints use: diffusers' EasyAnimateTransformer3DModel 
 AutoencoderKLMagvit, transformers' Bert / T5 / Qwen2-VL, and tokenizers trained here on a few
 sentences. A folder is a few MB and takes a few seconds of CPU.
 
-    python -m easyanimate_reward.easyanimate.tiny DEST_FOLDER [--version v5|v5.1]
+    python -m easyanimate_reward.easyanimate.tiny DEST_FOLDER [--version v5|v5.1] [--kind inpaint|t2v|control|camera]
 """
 
 from __future__ import annotations
