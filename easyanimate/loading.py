@@ -23,6 +23,7 @@ from .memory import ModulePlacement
 from .original_format import (is_original_transformer_config, is_original_vae_config, translate_transformer_config,
                               translate_vae_config)
 from .model import EasyAnimatePipe
+from .precision import apply_fp16_policy
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ def load_pipe(folder: str | os.PathLike, precision: str = "bf16", memory_mode: s
         tokenizer = _load_tokenizer(root / "tokenizer")
         text_encoder_2 = tokenizer_2 = None
     _check_text_widths(layout, transformer, text_encoder, text_encoder_2)
+    apply_fp16_policy(layout.version, dtype, transformer, vae)  # V5 in fp16: float32 VAE and attention
 
     for module in (transformer, vae, text_encoder, text_encoder_2):
         if module is not None:

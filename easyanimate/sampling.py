@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Callable, Container
 
 import torch
-import torch.nn.functional as F
 
+from . import conditioning
+from .buckets import resolve_size
 from .cancel import check_cancel
+from .conditioning import INPAINT_NOISE_RATIO, LATENT_CHANNELS, rescale_guidance, transformer_kwargs  # noqa: F401
 from .model import EasyAnimateModel, EasyAnimatePipe
 from .schedulers import FLOW_SCHEDULERS, NOISE_SCHEDULERS, SCHEDULER_CHOICES  # noqa: F401 (re-exported)
 from .schedulers import build_scheduler, check_shift, check_steps
@@ -23,8 +25,6 @@ from .step_cache import DEFAULT_TEACACHE_THRESHOLD, LoopSpeedups, SpeedSettings
 from .text import TextConditioning, encode_prompts
 from .vae import vae_budget, vae_decode, vae_encode_mode
 
-LATENT_CHANNELS = 16
-INPAINT_NOISE_RATIO = 0.0563  # diffusers' EasyAnimate default noise augmentation of the start image
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -94,64 +94,41 @@ def initial_noise(shape, seeds: list[int], device, dtype) -> torch.Tensor:
     return torch.stack(noise).to(device, dtype)
 
 
-def _resize_first_frame_apart(mask: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-    # The Magvit VAE encodes the first frame on its own; resize its mask apart from the rest.
-    first = F.interpolate(mask[:, :, :1], size=(1, *size[1:]), mode="trilinear", align_corners=False)
-    if size[0] == 1:
-        return first
-    rest = F.interpolate(mask[:, :, 1:], size=(size[0] - 1, *size[1:]), mode="trilinear", align_corners=False)
-    return torch.cat([first, rest], dim=2)
-
-
 @torch.no_grad()
 def inpaint_condition(pipe: EasyAnimatePipe, shape, frames: int, start_images: torch.Tensor | None,
-                      seeds: list[int]) -> torch.Tensor:
-    """The 17 extra InP channels: 1 mask channel + 16 latents of the masked video.
+                      seeds: list[int], end_images: torch.Tensor | None = None):
+    """The transformer's extra inputs for text- or image-to-video (see easyanimate/conditioning.py).
 
-    Text-to-video feeds zeros. Image-to-video keeps frame 0 (the start image) and masks the rest.
+    InP models: 1 mask channel + 16 latents of the masked video; zeros for text-to-video, frame 0
+    kept for a start image (and the last frame for an end image). Other kinds: their zero
+    conditioning (None for text-to-video models); images are refused there.
     """
-    device, dtype = pipe.compute_device, pipe.dtype
-    batch, _, lat_f, lat_h, lat_w = shape
-    if start_images is None:
-        return torch.zeros((batch, 1 + LATENT_CHANNELS, lat_f, lat_h, lat_w), device=device, dtype=dtype)
-    height, width = lat_h * 8, lat_w * 8
-    image = start_images.to(device, torch.float32)
-    if image.shape[-2:] != (height, width):
-        image = F.interpolate(image, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-    image = image.clamp(0, 1) * 2 - 1
-    video = torch.full((batch, 3, frames, height, width), -1.0, device=device)
-    video[:, :, 0] = image.expand(batch, -1, -1, -1)
-    keep = torch.zeros((batch, 1, frames, height, width), device=device)
-    keep[:, :, 0] = 1.0
-    vae = pipe.vae
-    if getattr(pipe.transformer.config, "add_noise_in_inpaint_model", False):
-        noise = torch.stack([torch.randn(video.shape[1:], generator=seeded_generator(s, 1))
-                             for s in seeds]).to(device)
-        video = torch.where(video == -1, video, video + INPAINT_NOISE_RATIO * noise)
-    with pipe.placement.use(vae):
-        masked_latents = vae_encode_mode(vae, video.to(dtype), budget_bytes=vae_budget(pipe))
-        masked_latents = masked_latents * vae.config.scaling_factor
-    mask_latents = _resize_first_frame_apart(keep, masked_latents.shape[2:]) * vae.config.scaling_factor
-    return torch.cat([mask_latents.to(dtype), masked_latents.to(dtype)], dim=1)
+    if start_images is None and end_images is None:
+        return conditioning.empty_condition(pipe, shape)
+    inputs = conditioning.model_inputs(pipe)
+    if inputs.kind != conditioning.INPAINT:
+        raise ValueError(f"start/end images cannot be used with this {inputs.describe()}")
+    return conditioning.inpaint_latents(pipe, shape, frames, start_images, seeds, end_images)
 
 
 def predict_noise(transformer, latents, t, cond: TextConditioning, inpaint, guidance_scale: float,
-                  uncond: TextConditioning | None, speed: LoopSpeedups | None = None):
+                  uncond: TextConditioning | None, speed: LoopSpeedups | None = None,
+                  guidance_rescale: float = 0.0):
     """One transformer evaluation with classifier-free guidance (uncond first, as diffusers does).
+    `inpaint`: the extra inputs (conditioning.Condition, a bare InP tensor, or None).
     `speed`: the loop's TeaCache / cfg-skip state (easyanimate/step_cache.py), None = plain."""
     cfg = uncond is not None and guidance_scale > 1.0 and not (speed is not None and speed.skip_uncond())
     model_in = torch.cat([latents, latents]) if cfg else latents
     text = TextConditioning.cat([uncond, cond]) if cfg else cond
-    extra = torch.cat([inpaint, inpaint]) if cfg else inpaint
     t_batch = t.expand(model_in.shape[0]).to(model_in.dtype)
     forward = transformer if speed is None else speed.forward
-    out = forward(model_in, t_batch, encoder_hidden_states=text.embeds,
-                  encoder_hidden_states_t5=text.embeds_t5, inpaint_latents=extra, return_dict=False)[0]
+    out = forward(model_in, t_batch, encoder_hidden_states=text.embeds, encoder_hidden_states_t5=text.embeds_t5,
+                  **transformer_kwargs(inpaint, 2 if cfg else 1), return_dict=False)[0]
     if out.shape[1] != LATENT_CHANNELS:  # models that also predict variance
         out = out[:, :LATENT_CHANNELS]
     if cfg:
         uncond_out, cond_out = out.chunk(2)
-        out = uncond_out + guidance_scale * (cond_out - uncond_out)
+        out = rescale_guidance(uncond_out + guidance_scale * (cond_out - uncond_out), cond_out, guidance_rescale)
     return out
 
 
@@ -160,7 +137,7 @@ def denoise(transformer, scheduler, timesteps, latents: torch.Tensor, cond: Text
             grad_steps: Container[int] = (), detach_input: bool = False,
             step_callback: StepCallback | None = None,
             generator: torch.Generator | list[torch.Generator] | None = None,
-            speed: SpeedSettings | None = None) -> torch.Tensor:
+            speed: SpeedSettings | None = None, guidance_rescale: float = 0.0) -> torch.Tensor:
     """Run the sampler from `latents` over `timesteps`.
 
     grad_steps: indices of the steps whose transformer call keeps a graph (training); empty for
@@ -183,10 +160,11 @@ def denoise(transformer, scheduler, timesteps, latents: torch.Tensor, cond: Text
             model_in = scheduler.scale_model_input(model_in, t)
         if keep_graph:
             noise_pred = predict_noise(transformer, model_in.detach() if detach_input else model_in, t, cond,
-                                       inpaint, guidance_scale, uncond, loop)
+                                       inpaint, guidance_scale, uncond, loop, guidance_rescale)
         else:
             with torch.no_grad():
-                noise_pred = predict_noise(transformer, model_in, t, cond, inpaint, guidance_scale, uncond, loop)
+                noise_pred = predict_noise(transformer, model_in, t, cond, inpaint, guidance_scale, uncond, loop,
+                                           guidance_rescale)
         step = scheduler.step(noise_pred, t, latents, return_dict=True, **step_kwargs)
         if step_callback is not None:
             step_callback(i + 1, total, denoised_estimate(scheduler, step, latents, noise_pred, t))
@@ -229,6 +207,15 @@ class SampleRequest:
     teacache: bool = False
     teacache_threshold: float = DEFAULT_TEACACHE_THRESHOLD
     cfg_skip_ratio: float = 0.0
+    # Generation modes (easyanimate/conditioning.py says which model kind takes which input).
+    end_image: torch.Tensor | None = None  # InP: the last frame
+    video: torch.Tensor | None = None  # (F, 3, H, W) in [0, 1]: video-to-video with denoise_strength
+    denoise_strength: float = 1.0  # 1: from pure noise (text-to-video); lower stays closer to `video`
+    control_video: torch.Tensor | None = None  # (F, 3, H, W) in [0, 1]: Control models
+    ref_image: torch.Tensor | None = None  # (3, H, W): V5.1 Control / Control-Camera reference
+    camera: object | None = None  # camera.CameraPath: Control-Camera models
+    guidance_rescale: float = 0.0  # diffusers' guidance_rescale (0 = off)
+    base_resolution: int | None = None  # 512/768/960/1024: closest trained size for the input's aspect
 
     def speed(self) -> SpeedSettings:
         return SpeedSettings(self.teacache, self.teacache_threshold, self.cfg_skip_ratio).validate()
@@ -268,37 +255,40 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
     the VAE to encode start images, then the transformer for every video, then the VAE to decode.
     """
     pipe = model.pipe
+    request = resolve_size(request)
     check_video_size(request.width, request.height, request.frames)
     check_guidance(request.guidance_scale)
     if request.steps < 1:
         raise ValueError("steps must be at least 1")
     speed = request.speed()
     check_steps(make_scheduler(pipe, request.scheduler, request.shift), request.steps)  # before any work
+    conditioning.check_request(conditioning.model_inputs(pipe), request)
     device = pipe.compute_device
     seeds = [request.seed + i for i in range(request.videos)]
     cond, uncond = text or encode_request_prompts(pipe, request.prompt, request.negative_prompt,
                                                   request.guidance_scale)
     shape = latent_shape(1, request.width, request.height, request.frames)
-    start = request.start_image
-    if start is not None and start.ndim == 3:
-        start = start[None]
-    with pipe.placement.use(pipe.vae if start is not None else None):
-        inpaints = [inpaint_condition(pipe, shape, request.frames, start, [seed]) for seed in seeds]
+    with pipe.placement.use(pipe.vae if conditioning.needs_vae(request) else None):
+        inpaints = conditioning.build_conditions(pipe, request, shape, seeds)
+        source = conditioning.source_latents(pipe, request, shape)  # video-to-video
     sync_loras(model)
-    total = request.steps * len(seeds)
     latents_per_video = []
     with pipe.placement.use(pipe.transformer):
         for v, (seed, inpaint) in enumerate(zip(seeds, inpaints)):
             scheduler = make_scheduler(pipe, request.scheduler, request.shift)
             timesteps = set_timesteps(scheduler, request.steps, device)
-            latents = initial_noise(shape, [seed], device, pipe.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
+            latents, timesteps = conditioning.start_latents(scheduler, timesteps, request.steps,
+                                                            initial_noise(shape, [seed], device, pipe.dtype), source,
+                                                            request.denoise_strength)
+            total = len(timesteps) * len(seeds)
             callback = None
             if step_callback is not None:
-                done = v * request.steps
-                callback = lambda i, n, x, done=done: step_callback(done + i, total, x)  # noqa: E731
+                done = v * len(timesteps)
+                callback = lambda i, n, x, done=done, total=total: step_callback(done + i, total, x)  # noqa: E731
             latents_per_video.append(denoise(pipe.transformer, scheduler, timesteps, latents, cond, inpaint,
                                              request.guidance_scale, uncond, step_callback=callback,
-                                             generator=seeded_generator(seed, 2), speed=speed))
+                                             generator=seeded_generator(seed, 2), speed=speed,
+                                             guidance_rescale=request.guidance_rescale))
     with pipe.placement.use(pipe.vae):
         videos = [decode_latents(pipe, latents)[0] for latents in latents_per_video]
     return torch.cat([video.permute(1, 2, 3, 0).float().cpu() for video in videos])  # (F, H, W, 3) each

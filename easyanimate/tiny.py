@@ -5,7 +5,7 @@ same classes the real checkpoints use: diffusers' EasyAnimateTransformer3DModel 
 AutoencoderKLMagvit, transformers' Bert / T5 / Qwen2-VL, and tokenizers trained here on a few
 sentences. A folder is a few MB and takes a few seconds of CPU.
 
-    python -m easyanimate_reward.easyanimate.tiny DEST_FOLDER [--version v5|v5.1]
+    python -m easyanimate_reward.easyanimate.tiny DEST_FOLDER [--version v5|v5.1] [--kind inpaint|t2v|control|camera]
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ _CORPUS = [
 ]
 
 
-def _tiny_transformer_config(text_dim: int, text_dim_t5: int | None) -> dict:
+def _tiny_transformer_config(text_dim: int, text_dim_t5: int | None, in_channels: int = 33) -> dict:
     return dict(
         num_attention_heads=TINY_HEADS,
         attention_head_dim=TINY_HEAD_DIM,
-        in_channels=33,  # 16 noisy latents + 1 mask + 16 masked-video latents (InP)
+        in_channels=in_channels,  # 33 = 16 noisy latents + 1 mask + 16 masked-video latents (InP); see KINDS
         out_channels=16,
         patch_size=2,
         num_layers=2,
@@ -57,14 +57,20 @@ def _tiny_transformer_config(text_dim: int, text_dim_t5: int | None) -> dict:
     )
 
 
-def build_tiny_transformer(version: str = "v5", seed: int = 0):
+def build_tiny_transformer(version: str = "v5", seed: int = 0, kind: str = "inpaint"):
     from diffusers import EasyAnimateTransformer3DModel
 
+    from .conditioning import PUBLISHED_IN_CHANNELS
+
+    if (version, kind) not in PUBLISHED_IN_CHANNELS:
+        raise ValueError(f"no published EasyAnimate {version} {kind} model to imitate; "
+                         f"known: {sorted(PUBLISHED_IN_CHANNELS)}")
+    in_channels = PUBLISHED_IN_CHANNELS[(version, kind)]
     torch.manual_seed(seed)
     if version == "v5":
-        cfg = _tiny_transformer_config(BERT_WIDTH, T5_WIDTH)
+        cfg = _tiny_transformer_config(BERT_WIDTH, T5_WIDTH, in_channels)
     else:
-        cfg = _tiny_transformer_config(QWEN_WIDTH, None)
+        cfg = _tiny_transformer_config(QWEN_WIDTH, None, in_channels)
     model = EasyAnimateTransformer3DModel(**cfg)
     # Random init leaves the zero-initialised output layers at zero; give every weight some signal
     # so that LoRA and sampling tests see real differences.
@@ -188,13 +194,14 @@ def _scheduler_config(version: str) -> dict:
     return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 
-def write_tiny_model(dest: str | os.PathLike, version: str = "v5", seed: int = 0) -> Path:
-    """Write a complete tiny model folder (`version` "v5" or "v5.1") at `dest` atomically."""
+def write_tiny_model(dest: str | os.PathLike, version: str = "v5", seed: int = 0, kind: str = "inpaint") -> Path:
+    """Write a complete tiny model folder (`version` "v5" or "v5.1"; `kind` one of KINDS) at `dest`
+    atomically. Only the transformer's input channels differ between kinds, as in the published ones."""
     if version not in ("v5", "v5.1"):
         raise ValueError(f"version must be 'v5' or 'v5.1', got {version!r}")
     dest = Path(dest)
     with atomic_folder(dest, replace=True) as partial:  # DEST.partial, renamed onto dest once complete
-        transformer = build_tiny_transformer(version, seed)
+        transformer = build_tiny_transformer(version, seed, kind)
         transformer.save_pretrained(partial / "transformer", safe_serialization=True)
         if version == "v5":
             # The published V5 checkpoints use the original EasyAnimate key names (attn2.* for the text
@@ -211,8 +218,8 @@ def write_tiny_model(dest: str | os.PathLike, version: str = "v5", seed: int = 0
             # ... and their config.json files are dumps of the original classes' arguments.
             from .original_format import original_v5_transformer_config, original_v5_vae_config
 
-            (partial / "transformer" / "config.json").write_text(
-                json.dumps(original_v5_transformer_config(transformer.config), indent=2))
+            original = original_v5_transformer_config(transformer.config)
+            (partial / "transformer" / "config.json").write_text(json.dumps(original, indent=2))
             (partial / "vae" / "config.json").write_text(json.dumps(original_v5_vae_config(vae.config), indent=2))
             _write_bert(partial, seed)
             _write_t5(partial, seed)
@@ -227,12 +234,20 @@ def write_tiny_model(dest: str | os.PathLike, version: str = "v5", seed: int = 0
 
 
 TINY_NAMES = {"v5": "tiny-EasyAnimateV5-zh-InP", "v5.1": "tiny-EasyAnimateV5.1-zh-InP"}
+# The other published kinds (transformer in_channels from conditioning.PUBLISHED_IN_CHANNELS):
+# key -> (version, kind, folder name).
+KINDS = ("inpaint", "t2v", "control", "camera")
+TINY_VARIANTS = {
+    "v5-t2v": ("v5", "t2v", "tiny-EasyAnimateV5-zh"),
+    "v5.1-t2v": ("v5.1", "t2v", "tiny-EasyAnimateV5.1-zh"),
+    "v5-control": ("v5", "control", "tiny-EasyAnimateV5-zh-Control"),
+    "v5.1-control": ("v5.1", "control", "tiny-EasyAnimateV5.1-zh-Control"),
+    "v5.1-camera": ("v5.1", "camera", "tiny-EasyAnimateV5.1-zh-Control-Camera"),
+}
+TINY_VARIANT_NAMES = {key: name for key, (_, _, name) in TINY_VARIANTS.items()}
 
 
-def cached_tiny_models(cache_root: str | os.PathLike) -> dict[str, Path]:
-    """{"v5": folder, "v5.1": folder} under `cache_root`, written once and reused until the code
-    that shapes them changes: this file, the original-format writers, or the diffusers /
-    transformers versions that serialise them."""
+def _tiny_cache_root(cache_root) -> Path:
     import diffusers
     import transformers
 
@@ -241,7 +256,27 @@ def cached_tiny_models(cache_root: str | os.PathLike) -> dict[str, Path]:
     for name in ("tiny.py", "original_format.py", "keymap.py"):
         digest.update((here / name).read_bytes())
     digest.update(f"{diffusers.__version__}/{transformers.__version__}".encode())
-    root = Path(cache_root) / digest.hexdigest()[:12]
+    return Path(cache_root) / digest.hexdigest()[:12]
+
+
+def cached_tiny_variants(cache_root: str | os.PathLike) -> dict[str, Path]:
+    """{"v5-t2v": folder, ..., "v5.1-camera": folder} (TINY_VARIANTS) under `cache_root`, cached
+    like `cached_tiny_models`."""
+    root = _tiny_cache_root(cache_root)
+    folders = {}
+    for key, (version, kind, name) in TINY_VARIANTS.items():
+        folder = root / name
+        if not (folder / "model_index.json").is_file():
+            write_tiny_model(folder, version, kind=kind)
+        folders[key] = folder
+    return folders
+
+
+def cached_tiny_models(cache_root: str | os.PathLike) -> dict[str, Path]:
+    """{"v5": folder, "v5.1": folder} under `cache_root`, written once and reused until the code
+    that shapes them changes: this file, the original-format writers, or the diffusers /
+    transformers versions that serialise them."""
+    root = _tiny_cache_root(cache_root)
     folders = {}
     for version, name in TINY_NAMES.items():
         folder = root / name
@@ -255,9 +290,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dest")
     parser.add_argument("--version", choices=["v5", "v5.1"], default="v5")
+    parser.add_argument("--kind", choices=KINDS, default="inpaint",
+                        help="model kind (transformer input channels): inpaint 33, t2v 16, control 32 (V5) / 48 "
+                             "(V5.1), camera 38 (V5.1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(write_tiny_model(args.dest, args.version, args.seed))
+    print(write_tiny_model(args.dest, args.version, args.seed, args.kind))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ register_model_folders()
 install_cancel_check(check_interrupt)
 
 # Node modules in the order they appear in the menu.
-_NODE_MODULES = ("model_nodes", "lora_nodes", "lora_mix_nodes", "reward_nodes", "train_nodes", "sweep_nodes")
+_NODE_MODULES = ("model_nodes", "mode_nodes", "lora_nodes", "lora_mix_nodes", "reward_nodes", "train_nodes",
+                 "sweep_nodes")
 
 
 def _collect_nodes() -> list[type[io.ComfyNode]]:

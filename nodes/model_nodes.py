@@ -10,6 +10,7 @@ from ..easyanimate.model import EasyAnimateModel
 from ..easyanimate.sampling import SCHEDULER_CHOICES, SampleRequest, check_video_size, sample_video
 from ..easyanimate.step_cache import DEFAULT_TEACACHE_THRESHOLD
 from .common import PIPES, model_folder_names, progress_callback, resolve_model_folder
+from .mode_nodes import BASE_RESOLUTION_CHOICES, mode_inputs, mode_request_fields
 from .speed import PREVIEW_EVERY, latent_previewer, speed_inputs
 from .types import EasyAnimateModelType
 
@@ -54,8 +55,10 @@ class EasyAnimateSampler(io.ComfyNode):
             hidden=[io.Hidden.unique_id],  # cls.hidden.unique_id: progress bar and text on this node
             display_name="EasyAnimate Sampler",
             category="EasyAnimate",
-            description="Text-to-video, or image-to-video when a start image is connected (InP models). "
-                        "Outputs the frames as an IMAGE batch, videos one after another.",
+            description="Text-to-video; image-to-video with a start and/or end image (InP models); video-to-video "
+                        "with a denoise strength (any model); control video + reference image (Control models); "
+                        "camera motion (Control-Camera models). The model kind is read from the model's "
+                        "config. Outputs the frames as an IMAGE batch, videos one after another.",
             inputs=[
                 EasyAnimateModelType.Input("model"),
                 io.String.Input("prompt", multiline=True, default="A cat playing the piano in a sunny room.",
@@ -80,21 +83,23 @@ class EasyAnimateSampler(io.ComfyNode):
                 io.Image.Input("start_image", optional=True,
                                tooltip="Image-to-video: the first frame. Resized to width x height."),
                 *speed_inputs(),
+                *mode_inputs(),
             ],
-            hidden=[io.Hidden.unique_id],
             outputs=[io.Image.Output(display_name="frames")],
         )
 
     @classmethod
     def execute(cls, model, prompt, negative_prompt, width, height, frames, steps, cfg, seed, scheduler,
                 videos=1, start_image=None, shift=0.0, teacache=False, teacache_threshold=DEFAULT_TEACACHE_THRESHOLD,
-                cfg_skip_ratio=0.0, preview_every=PREVIEW_EVERY) -> io.NodeOutput:
-        check_video_size(width, height, frames)
+                cfg_skip_ratio=0.0, preview_every=PREVIEW_EVERY, **modes) -> io.NodeOutput:
+        if modes.get("base_resolution", BASE_RESOLUTION_CHOICES[0]) == BASE_RESOLUTION_CHOICES[0]:
+            check_video_size(width, height, frames)
         start = None if start_image is None else start_image[:1].permute(0, 3, 1, 2)
         request = SampleRequest(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                 frames=frames, steps=steps, guidance_scale=cfg, seed=seed, videos=videos,
                                 scheduler=scheduler, start_image=start, shift=shift, teacache=teacache,
-                                teacache_threshold=teacache_threshold, cfg_skip_ratio=cfg_skip_ratio)
+                                teacache_threshold=teacache_threshold, cfg_skip_ratio=cfg_skip_ratio,
+                                **mode_request_fields(**modes))
         on_step = progress_callback(steps * videos, cls.hidden.unique_id if cls.hidden else None,
                                     preview=latent_previewer(model.pipe, preview_every))
         return io.NodeOutput(sample_video(model, request, on_step))

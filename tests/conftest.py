@@ -20,16 +20,26 @@ def tiny_models() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory, tiny_models):
+def tiny_variants() -> dict[str, Path]:
+    """{"v5-t2v", "v5.1-t2v", "v5-control", "v5.1-control", "v5.1-camera": folder}: the other model
+    kinds (text-to-video, Control, Control-Camera) as tiny random models in the real layouts."""
+    from easyanimate_reward.easyanimate.tiny import cached_tiny_variants
+
+    return cached_tiny_variants(REPO / ".cache" / "tiny-models")
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_models, tiny_variants):
     """One real ComfyUI server for the whole test session, with the pack and tiny models installed."""
     from host import ComfyServer, install_models
 
     base = tmp_path_factory.mktemp("comfy_base")
     server = ComfyServer(base)
     server.prepare_base()
-    from easyanimate_reward.easyanimate.tiny import TINY_NAMES
+    from easyanimate_reward.easyanimate.tiny import TINY_NAMES, TINY_VARIANT_NAMES
 
     install_models(base, {TINY_NAMES[v]: p for v, p in tiny_models.items()})
+    install_models(base, {TINY_VARIANT_NAMES[k]: p for k, p in tiny_variants.items()})
     server.start()
     yield server
     server.stop()

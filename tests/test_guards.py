@@ -17,7 +17,7 @@ from easyanimate_reward.reward.ranges import TypicalRange
 from easyanimate_reward.reward.registry import REWARD_KINDS, load_reward
 from easyanimate_reward.reward.simple import ColorfulnessReward, ContrastReward
 from easyanimate_reward.reward.synthetic import pan_video
-from easyanimate_reward.training.checkpoint import sidecar_path
+from easyanimate_reward.training.run_layout import RunLayout
 from easyanimate_reward.training.config import TrainConfig
 from easyanimate_reward.training.guards import TrainingGuards, preserve_distance, video_motion
 from easyanimate_reward.training.trainer import RewardLoRATrainer, history_plot
@@ -161,7 +161,7 @@ def test_held_out_motion_is_recorded_against_the_base_model_and_plotted(pipe, tm
     assert len(history["eval_motion"]) == 3 and all(m > 0 for m in history["eval_motion"])
     # Step 0 is the fresh LoRA, i.e. the base model itself: no change.
     assert history["eval_motion_change"][0] == 0.0
-    base = json.loads(sidecar_path(output).read_text())["guards"]["base"]
+    base = json.loads(RunLayout.for_lora_file(output).run_json.read_text())["guards"]["base"]
     assert base["motion"] == history["eval_motion"][0]
     expected = [100 * (m - base["motion"]) / base["motion"] for m in history["eval_motion"]]
     assert history["eval_motion_change"] == pytest.approx(expected)
@@ -172,7 +172,7 @@ def test_held_out_motion_is_recorded_against_the_base_model_and_plotted(pipe, tm
                                 tiny_config(eval_every=1, train_steps=3), output_path=output,
                                 eval_prompts=["a blue cube", "a green tree"], resume_from=output).train()
     assert resumed.state.history["eval_motion"][:3] == history["eval_motion"]
-    assert json.loads(sidecar_path(output).read_text())["guards"]["base"]["motion"] == pytest.approx(base["motion"])
+    assert json.loads(RunLayout.for_lora_file(output).run_json.read_text())["guards"]["base"]["motion"] == pytest.approx(base["motion"])
 
 
 def _guards(base, drop):
@@ -248,7 +248,7 @@ def test_zscore_state_is_saved_with_checkpoints_restored_on_resume_and_reset_bet
     config = tiny_config(train_steps=2, batch_size=2)
     RewardLoRATrainer(EasyAnimateModel(pipe), reward, ["a red ball", "a blue cube"], config,
                       output_path=output).train()
-    saved = json.loads(sidecar_path(output).read_text())["guards"]["reward_normalization"]
+    saved = json.loads(RunLayout.for_lora_file(output).run_json.read_text())["guards"]["reward_normalization"]
     assert [s["count"] for s in saved] == [4, 4]  # 2 steps x 2 videos x 1 frame, per term
     first_run = [m.statistics_state() for m in reward.modules() if isinstance(m, NormalizedReward)]
     # The same reward object queued again (ComfyUI caches it): a new run starts from zero.
@@ -258,5 +258,5 @@ def test_zscore_state_is_saved_with_checkpoints_restored_on_resume_and_reset_bet
     # A resume continues the saved statistics.
     RewardLoRATrainer(EasyAnimateModel(pipe), reward, ["a red ball", "a blue cube"], tiny_config(train_steps=3,
                       batch_size=2), output_path=output, resume_from=output).train()
-    resumed = json.loads(sidecar_path(output).read_text())["guards"]["reward_normalization"]
+    resumed = json.loads(RunLayout.for_lora_file(output).run_json.read_text())["guards"]["reward_normalization"]
     assert [s["count"] for s in resumed] == [6, 6]

@@ -13,7 +13,7 @@ import av
 import pytest
 from PIL import Image
 
-from easyanimate_reward.easyanimate.tiny import TINY_NAMES
+from easyanimate_reward.easyanimate.tiny import TINY_NAMES, TINY_VARIANT_NAMES
 from easyanimate_reward.tools import workflows
 import host
 from host import history_error
@@ -38,7 +38,8 @@ def workflow_server(comfy_server):
 
 
 def run_workflow(server, name: str) -> dict:
-    graph = workflows.tinyfy(workflows.load_api(name), TINY_NAMES, TINY_LORAS, TINY_OVERRIDES)
+    graph = workflows.tinyfy(workflows.load_api(name), {**TINY_NAMES, **TINY_VARIANT_NAMES}, TINY_LORAS,
+                             TINY_OVERRIDES)
     entry = server.run(graph, timeout=300)
     assert history_error(entry) is None, f"{name}: {history_error(entry)}\n{server.log_tail(3000)}"
     return entry["outputs"]
@@ -172,6 +173,39 @@ def test_train_reward_lora_runs(workflow_server):
     saved_file(workflow_server, outputs["4"]["images"][0])  # reward/loss history plot
     path = saved_file(workflow_server, outputs["7"]["images"][0])
     assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
+
+
+def test_video_to_video_runs(workflow_server):
+    outputs = run_workflow(workflow_server, "video_to_video")
+    path = saved_file(workflow_server, outputs["7"]["images"][0])
+    assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
+
+
+def test_video_to_video_control_runs(workflow_server):
+    outputs = run_workflow(workflow_server, "video_to_video_control")
+    path = saved_file(workflow_server, outputs["6"]["images"][0])
+    assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
+
+
+def test_control_camera_runs(workflow_server):
+    outputs = run_workflow(workflow_server, "control_camera")
+    path = saved_file(workflow_server, outputs["6"]["images"][0])
+    assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
+
+
+def test_image_to_video_end_image_runs(workflow_server):
+    outputs = run_workflow(workflow_server, "image_to_video_end_image")
+    path = saved_file(workflow_server, outputs["6"]["images"][0])
+    assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
+
+
+def test_tinyfy_picks_the_tiny_model_of_each_kind():
+    names = {**TINY_NAMES, **TINY_VARIANT_NAMES}
+    loaders = {name: workflows.tinyfy(workflows.load_api(name), names)["1"]["inputs"]["model"]
+               for name in ("video_to_video", "video_to_video_control", "control_camera", "image_to_video_end_image")}
+    assert loaders == {"video_to_video": TINY_NAMES["v5"], "video_to_video_control": TINY_VARIANT_NAMES["v5.1-control"],
+                       "control_camera": TINY_VARIANT_NAMES["v5.1-camera"],
+                       "image_to_video_end_image": TINY_NAMES["v5.1"]}
 
 
 def test_every_workflow_has_a_run_test():

@@ -47,6 +47,8 @@ SEED_NAMES = {"seed", "noise_seed"}
 # as the table in workflows/README.md). VRAM figures are estimates for one GPU.
 V5_12B = "EasyAnimateV5-12b-zh-InP"
 V51_12B = "EasyAnimateV5.1-12b-zh-InP"
+V51_CONTROL = "EasyAnimateV5.1-12b-zh-Control"
+V51_CAMERA = "EasyAnimateV5.1-12b-zh-Control-Camera"
 HPS_LORA = "EasyAnimateV5-12b-zh-InP-HPS2.1.safetensors"
 MPS_LORA = "EasyAnimateV5-12b-zh-InP-MPS.safetensors"
 _V5_NEEDS = (f"models/EasyAnimate/{V5_12B}/ (the full Hugging Face folder, ~40 GB on disk; "
@@ -102,6 +104,40 @@ NOTES: dict[str, dict[str, Any]] = {
         "needs": [_V5_NEEDS, "models/reward_models/HPS_v2.1_compressed.pt (3.9 GB)"],
         "vram": "VRAM (estimated): 40 GB or more for the 12b model at 256x256x49 frames with gradient checkpointing (an "
                 "A100/H100-class GPU); the 7b model needs less",
+    },
+    "video_to_video": {
+        "title": "Refine an existing video with a reward LoRA",
+        "what": "Video-to-video: the frames of input/input_video.mp4 (LoadVideo; at least 49 frames) are encoded, "
+                "noised to denoise_strength 0.7 and denoised with the HPS v2.1 reward LoRA at strength 0.7; the size "
+                "is the trained bucket closest to the video's aspect ratio at base_resolution 512. Lower the "
+                "strength to keep more of the input.",
+        "needs": [_V5_NEEDS, _LORA_NEEDS, "input/input_video.mp4 (any clip of 49+ frames)"],
+        "vram": _VRAM_12B + "; the VAE also encodes the input video (about 2 GB more at 512)",
+    },
+    "video_to_video_control": {
+        "title": "Control video (pose / depth / canny) with a V5.1 Control model",
+        "what": "Generates a video that follows the control frames of input/control_pose.mp4 (make them with any "
+                "preprocessor pack, e.g. DWPose, depth or canny nodes). The size is the bucket closest to the control "
+                "video's aspect ratio at base_resolution 512.",
+        "needs": [f"models/EasyAnimate/{V51_CONTROL}/ (the full Hugging Face folder; transformer 23.6 GB in bf16, "
+                  "Qwen2-VL-7B text encoder)", "input/control_pose.mp4 (49+ control frames)"],
+        "vram": _VRAM_12B,
+    },
+    "control_camera": {
+        "title": "Camera motion with a V5.1 Control-Camera model",
+        "what": "Animates a reference image with a camera that pans up and left at once (EasyAnimate Camera Motion: "
+                "presets add up; chain nodes through `previous` for one move after another), 49 frames at "
+                "base_resolution 512.",
+        "needs": [f"models/EasyAnimate/{V51_CAMERA}/ (the full Hugging Face folder; transformer 23.6 GB in bf16, "
+                  "Qwen2-VL-7B text encoder)", "input/start_frame.png (the reference image)"],
+        "vram": _VRAM_12B,
+    },
+    "image_to_video_end_image": {
+        "title": "Image to video between a start and an end frame",
+        "what": "The InP model keeps the first frame (start_frame.png) and the last (end_frame.png) and generates "
+                "the frames between; leave start_image unconnected to give the end frame alone.",
+        "needs": [_V51_NEEDS, "input/start_frame.png and input/end_frame.png (any pictures of the same scene)"],
+        "vram": _VRAM_12B,
     },
     "strength_sweep": {
         "title": "Reward vs LoRA strength",
@@ -397,9 +433,11 @@ def tinyfy(
 ) -> dict:
     """A copy of a shipped API graph that runs on tiny models in seconds on a CPU.
 
-    - `model_names`: {"v5": tiny folder name, "v5.1": ...}. Every EasyAnimateModelLoader gets the
-      tiny model of its real model's version (a name containing "V5.1" is V5.1, else V5), fp32 and
-      gpu_memory_mode "none".
+    - `model_names`: {"v5": tiny folder name, "v5.1": ..., "v5.1-camera": ...}. Every
+      EasyAnimateModelLoader gets the tiny model of its real model's version and kind (a name
+      containing "V5.1" is V5.1, else V5; "-Control-Camera", "-Control", "-InP" or none, see
+      `_tiny_key`), fp32 and gpu_memory_mode "none". The sampler's base_resolution becomes
+      "width x height" (the tiny size).
     - Every input called width/height/frames/steps on the pack's sampling and training nodes becomes
       32/32/5/3 (TINY_SAMPLER); frames_per_video of a ranking node follows the frame count; the
       reward trainer gets TINY_TRAINER (2 steps, rank 4, 3-step rollouts).
@@ -413,9 +451,10 @@ def tinyfy(
         inputs = node["inputs"]
         kind = node["class_type"]
         if kind == "EasyAnimateModelLoader":
-            version = "v5.1" if "V5.1" in str(inputs["model"]) else "v5"
-            inputs["model"] = model_names[version]
+            inputs["model"] = model_names[_tiny_key(str(inputs["model"]))]
             inputs.update(TINY_LOADER)
+        if "base_resolution" in inputs and not _is_link(inputs["base_resolution"]):
+            inputs["base_resolution"] = "width x height"
         if kind.startswith("EasyAnimate") or kind.startswith("Reward"):
             for key, value in TINY_SAMPLER.items():
                 if key in inputs and not _is_link(inputs[key]):
@@ -432,8 +471,21 @@ def tinyfy(
     return out
 
 
+def _tiny_key(real_name: str) -> str:
+    """The tiny-model key for a published model name (test mapping only; the pack itself reads the
+    kind from the folder's config): "v5", "v5.1", "v5-t2v", "v5.1-control", "v5.1-camera", ..."""
+    version = "v5.1" if "V5.1" in real_name else "v5"
+    if real_name.endswith("-Control-Camera"):
+        return f"{version}-camera"
+    if real_name.endswith("-Control"):
+        return f"{version}-control"
+    return version if real_name.endswith("-InP") else f"{version}-t2v"
+
+
 TINY_LORAS = {HPS_LORA: "tiny-v5-hps.safetensors", MPS_LORA: "tiny-v5-mps.safetensors"}
 TINY_START_IMAGE = "start_frame.png"
+TINY_END_IMAGE = "end_frame.png"
+TINY_VIDEOS = ("input_video.mp4", "control_pose.mp4")  # 9 frames, 48x64
 
 
 def write_tiny_lora(version: str, dest: str | os.PathLike, seed: int = 0, rank: int = 2) -> Path:
@@ -472,12 +524,40 @@ def install_tiny_assets(base: str | os.PathLike, graph: Mapping[str, Any] | None
         image.parent.mkdir(parents=True, exist_ok=True)
         gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
         Image.fromarray(gradient).save(image)
+    end = base / "input" / TINY_END_IMAGE
+    if not end.is_file():
+        Image.fromarray(np.linspace(255, 0, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)).save(end)
+    for seed, name in enumerate(TINY_VIDEOS):
+        if not (base / "input" / name).is_file():
+            _write_tiny_video(base / "input" / name, seed)
     uses_rewards = graph is None or any(n["class_type"] == "RewardModelLoader" for n in graph.values())
     rewards = base / "models" / "reward_models"
     if uses_rewards and not (rewards / "HPS_v2.1_compressed.pt").is_file():
         from ..reward.registry import write_tiny_reward_models
 
         write_tiny_reward_models(rewards)
+
+
+def _write_tiny_video(path: Path, seed: int, frames: int = 9, size: tuple[int, int] = (48, 64)) -> None:
+    """A small moving-gradient MP4 for LoadVideo (written beside, then renamed)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    partial = path.with_name(path.stem + ".partial" + path.suffix)
+    with av.open(str(partial), "w") as container:
+        stream = container.add_stream("h264", rate=8)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        base = rng.integers(0, 255, (1, 1, 3))
+        for i in range(frames):
+            ramp = np.linspace(0, 255, size[1])[None, :, None] * np.ones((size[0], 1, 1))
+            frame = ((ramp + 16 * i + base) % 256).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(partial, path)
 
 
 # ------------------------------------------------------------------------------ files
