@@ -101,12 +101,12 @@ class PeakRSS:
         self.growth = self.peak - self.start
 
 
-def build_transformer(layers: int, device: torch.device | str = "cpu") -> nn.Module:
+def build_transformer(layers: int, device: torch.device | str = "cpu", heads: int = 48) -> nn.Module:
     from diffusers import EasyAnimateTransformer3DModel
 
     with torch.device("meta"):
         model = EasyAnimateTransformer3DModel(
-            num_attention_heads=48, attention_head_dim=64, in_channels=33, out_channels=16, patch_size=2,
+            num_attention_heads=heads, attention_head_dim=64, in_channels=33, out_channels=16, patch_size=2,
             num_layers=layers, mmdit_layers=layers, time_embed_dim=512, text_embed_dim=3584,
         )
     # Materialised (and filled) where it will live: on CUDA the 12b never passes through CPU RAM.
@@ -275,6 +275,17 @@ def interleaved_strength_changes(model, weights, lora_path: Path, table: dict[st
     return times
 
 
+def print_interleaved(model, weights, lora_path, table, repeats, device) -> None:
+    print(f"\nstrength change 0.7 -> 0.4, {repeats} interleaved repeats (median, spread min..max):")
+    times = interleaved_strength_changes(model, weights, lora_path, table, repeats, device)
+    ours_median = median(times["ours"])
+    labels = {"ours": "ours (LoraPatcher, fused)", "comfy": "ComfyUI ModelPatcher (clone + patch)",
+              "lora_cache": "EasyAnimate lora_cache (in memory)", "reread": "EasyAnimate re-read file"}
+    for name, t in times.items():
+        ratio = "" if name == "ours" else f"   ours is {median(t) / ours_median:.1f}x faster"
+        print(f"  {labels[name]:<38} median {median(t):7.3f} s, spread {min(t):.3f}..{max(t):.3f} s{ratio}")
+
+
 def fmt_row(label: str, probe: PeakRSS) -> str:
     row = f"  {label:<34} {probe.seconds:8.2f} s   peak RSS +{probe.growth / 2**20:8.0f} MiB"
     if probe.cuda:
@@ -295,6 +306,9 @@ def main(argv=None) -> None:
     parser.add_argument("--changes", type=int, default=100, help="strength changes for the drift measurement")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the strength-change comparison")
+    parser.add_argument("--heads", type=int, default=48, help="attention heads of 64 (48 = the 12b's width 3072)")
+    parser.add_argument("--interleaved-only", action="store_true",
+                        help="only the interleaved strength-change comparison (skip the single-shot phases)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the transformer's weights live (backups always stay in CPU RAM)")
     args = parser.parse_args(argv)
@@ -308,9 +322,9 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)} "
               f"({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)")
-    model = build_transformer(args.layers, device)
+    model = build_transformer(args.layers, device, args.heads)
     params = sum(p.numel() for p in model.parameters())
-    print(f"transformer: {args.layers} blocks of width 3072 (ff 12288), {params / 1e6:.0f} M params, "
+    print(f"transformer: {args.layers} blocks of width {64 * args.heads} (ff {256 * args.heads}), {params / 1e6:.0f} M params, "
           f"{params * 2 / 2**30:.2f} GiB bf16")
     table = flat_name_table(model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -320,6 +334,10 @@ def main(argv=None) -> None:
               f"{lora_path.stat().st_size / 2**20:.0f} MiB on disk (in the page cache)")
         base = snapshot(model)
 
+        if args.interleaved_only:
+            weights = load_lora_file(lora_path, model)
+            print_interleaved(model, weights, lora_path, table, args.repeats, device)
+            return
         # ---- ours
         print("\nours (LoraPatcher, fused):")
         patcher = LoraPatcher()
@@ -366,14 +384,7 @@ def main(argv=None) -> None:
               f"{changed_one} of {sum(t.numel() for t in base.values())} weights changed")
 
         # ---- strength change vs what users actually have, interleaved repeats
-        print(f"\nstrength change 0.7 -> 0.4, {args.repeats} interleaved repeats (median, spread min..max):")
-        times = interleaved_strength_changes(model, weights, lora_path, table, args.repeats, device)
-        ours_median = median(times["ours"])
-        labels = {"ours": "ours (LoraPatcher, fused)", "comfy": "ComfyUI ModelPatcher (clone + patch)",
-                  "lora_cache": "EasyAnimate lora_cache (in memory)", "reread": "EasyAnimate re-read file"}
-        for name, t in times.items():
-            ratio = "" if name == "ours" else f"   ours is {median(t) / ours_median:.1f}x faster"
-            print(f"  {labels[name]:<38} median {median(t):7.3f} s, spread {min(t):.3f}..{max(t):.3f} s{ratio}")
+        print_interleaved(model, weights, lora_path, table, args.repeats, device)
         for name in base:  # back to the exact base before the drift loop
             model.get_submodule(name).weight.data.copy_(base[name])
 
