@@ -127,6 +127,9 @@ class TrainConfig:
     save_every: int = 100  # 0: only at the end
     eval_every: int = 0  # 0: no held-out evaluation
     early_stop_patience: int = 0  # evaluations without a held-out improvement before stopping; 0: never
+    # memory (training/memory_options.py)
+    activation_offload: bool = False  # tensors saved for backward go to CPU RAM (save_on_cpu)
+    optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (bitsandbytes)
 
     def validate(self) -> "TrainConfig":
         from ..easyanimate.sampling import check_video_size
@@ -161,6 +164,9 @@ class TrainConfig:
                 re.compile(self.target_modules)
             except re.error as e:
                 raise ValueError(f"target_modules {self.target_modules!r} is not a valid regular expression: {e}") from e
+        from .memory_options import check_optimizer_name
+
+        check_optimizer_name(self.optimizer)
         if self.backprop == "list":
             parse_step_list(self.backprop_steps, self.sampling_steps)
         return self

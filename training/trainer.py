@@ -40,6 +40,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, resolve_strategy, select_grad_steps
 from .lora_layers import LoraLayers
+from .memory_options import activation_offload, after_restore, make_optimizer
 from .rollout import (
     PromptBank,
     RolloutSettings,
@@ -143,8 +144,7 @@ class RewardLoRATrainer:
             log.info("resumed from %s at step %d", self.resume_from, state.step)
         else:
             self.lora = LoraLayers(transformer, cfg.rank, cfg.alpha, cfg.target_modules, seed=cfg.seed, device=device)
-        self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=cfg.learning_rate,
-                                           weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        self.optimizer = make_optimizer(cfg, self.lora.parameters())
         if self.resume_from is not None:
             self._restore_optimizer(weights)
             self._find_best_file()
@@ -171,6 +171,7 @@ class RewardLoRATrainer:
         if problem is not None:
             log.warning("ignoring %s: %s; %s", source, problem, fresh)
             return
+        after_restore(self.optimizer)
         log.info("restored AdamW state and float32 weights from %s", source)
 
     def _find_best_file(self) -> None:
@@ -242,10 +243,11 @@ class RewardLoRATrainer:
         for micro in range(cfg.grad_accumulation):
             prompts, seeds = self._micro_batch(step, micro)
             uncond = bank.uncond(len(prompts)) if cfg.guidance_scale > 1 else None
-            video = rollout_video(pipe, self.settings, bank.cond(prompts), uncond, seeds,
-                                  self.grad_steps_for(step, micro), cfg.detach_input, self._sampling_callback())
-            scores = video_rewards(self.reward, video, prompts, cfg.num_sampled_frames)
-            loss = reward_loss(scores, cfg.max_reward, cfg.loss_scale)
+            with activation_offload(cfg, pipe.compute_device):
+                video = rollout_video(pipe, self.settings, bank.cond(prompts), uncond, seeds,
+                                      self.grad_steps_for(step, micro), cfg.detach_input, self._sampling_callback())
+                scores = video_rewards(self.reward, video, prompts, cfg.num_sampled_frames)
+                loss = reward_loss(scores, cfg.max_reward, cfg.loss_scale)
             if not torch.isfinite(loss):
                 raise _NonFinite(f"the loss is {loss.item()} at step {step + 1}")
             (loss / cfg.grad_accumulation).backward()
