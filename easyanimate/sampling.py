@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import EasyAnimateModel, EasyAnimatePipe
+from .preflight import check_sampling
 from .text import TextConditioning, encode_prompts
 
 LATENT_CHANNELS = 16
@@ -245,6 +246,8 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
     check_video_size(request.width, request.height, request.frames)
     if request.steps < 1:
         raise ValueError("steps must be at least 1")
+    check_sampling(pipe, request.width, request.height, request.frames, request.videos, request.guidance_scale,
+                   request.start_image is not None)  # refuse before allocating (easyanimate/preflight.py)
     device = pipe.compute_device
     seeds = [request.seed + i for i in range(request.videos)]
     cond, uncond = text or encode_request_prompts(pipe, request.prompt, request.negative_prompt,

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..easyanimate.model import EasyAnimateModel
+from ..easyanimate.preflight import check_training
 from ..easyanimate.sampling import is_flow_matching, sync_loras
 from .checkpoint import (
     TrainingState,
@@ -353,6 +354,7 @@ class RewardLoRATrainer:
 
     def _train(self) -> TrainResult:
         cfg = self.config
+        check_training(self.pipe, cfg, self.reward)  # refuse before allocating (easyanimate/preflight.py)
         self._freeze_frozen_parts()
         sync_loras(self.model)  # LoRAs already on the wire stay applied under the one being trained
         self._build_lora()
@@ -417,6 +419,7 @@ class RewardLoRATrainer:
         finally:
             self.lora.detach()
             restore_checkpointing()
+            bank.store.close()
         self.save(stop_reason)
         return self._result(stop_reason)
 
