@@ -279,14 +279,14 @@ def scheduler_config(version: str) -> dict:
     return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 
-def make_pipe(name: str, mode: str, parts: dict):
+def make_pipe(name: str, mode: str, parts: dict, device: str = "cpu"):
     """An EasyAnimatePipe of fake modules, prepared by the pack's own ModulePlacement for `mode`
     (qfloat8 stores the transformer's Linear weights in fp8 exactly as at run time). Compute and
     offload device are the same (fake tensors cannot move); placement is accounted in `resident`."""
     from easyanimate_reward.easyanimate.memory import ModulePlacement
     from easyanimate_reward.easyanimate.model import EasyAnimatePipe
 
-    placement = ModulePlacement(mode, "cpu", "cpu")
+    placement = ModulePlacement(mode, device, device)
     modules = {"transformer": parts["transformer"], "vae": parts["vae"], "text_encoder": parts["text_encoder"],
                "text_encoder_2": parts["text_encoder_2"]}
     from easyanimate_reward.easyanimate import memory
@@ -631,7 +631,8 @@ def build_hps_reward():
     return HPSReward(model, open_clip_tokenizer(), "squash", name="hps_v2.1")
 
 
-def simulate_training(name: str, variants, size=TRAIN_SIZE, num_layers: int | None = None, log=print) -> list[dict]:
+def simulate_training(name: str, variants, size=TRAIN_SIZE, num_layers: int | None = None, log=print,
+                      fake: bool = True, device: str = "cpu") -> list[dict]:
     """The trainer's own step (rollout with the chosen grad steps, decode of 1 latent, HPS v2.1,
     backward, AdamW) at full size. Sampling steps = K + 1: the steps outside the gradient window
     run under no_grad and keep nothing, so memory does not depend on their number."""
@@ -645,7 +646,7 @@ def simulate_training(name: str, variants, size=TRAIN_SIZE, num_layers: int | No
     for label, backprop, k, checkpointing, offload, eight_bit in variants:
         started = time.perf_counter()
         counter = LiveBytes()
-        with fake_mode():
+        with fake_mode() if fake else contextlib.nullcontext():
             config = dict(TRANSFORMERS[name])
             if num_layers:
                 config.update(num_layers=num_layers, mmdit_layers=num_layers)
@@ -655,7 +656,7 @@ def simulate_training(name: str, variants, size=TRAIN_SIZE, num_layers: int | No
                 transformer = EasyAnimateTransformer3DModel(**config).requires_grad_(False).eval()
             parts = {"transformer": transformer, "vae": build_vae(), "text_encoder": None, "text_encoder_2": None,
                      "tokenizer": None, "tokenizer_2": None}
-            pipe = make_pipe(name, "model_cpu_offload", parts)
+            pipe = make_pipe(name, "model_cpu_offload", parts, device)
             reward = build_hps_reward()
             weights = module_bytes(transformer) + module_bytes(parts["vae"]) + module_bytes(reward)
             train_config = TrainConfig(width=w, height=h, frames=f, sampling_steps=k + 1, backprop=backprop,
@@ -868,6 +869,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few small cells (CI)")
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ", ".join(TRANSFORMERS))
     parser.add_argument("--no-training", action="store_true")
+    parser.add_argument("--training-only", action="store_true", help="only the training rows")
+    parser.add_argument("--variants", default=None,
+                        help="training rows to run, comma-separated indices into TRAIN_VARIANTS (default: all)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -876,10 +880,10 @@ def main(argv=None) -> int:
     names = args.models.split(",") if args.models else (["V5.1-12b"] if args.quick else list(TRANSFORMERS))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     out = [f"# EasyAnimate memory table (simulated with fake tensors, {datetime.date.today().isoformat()})", ""]
-    vae_phases = simulate_vae(sizes, log)
+    vae_phases = simulate_vae(sizes, log) if not args.training_only else {}
     tokenizers: dict = {}
     results = {}
-    for name in names:
+    for name in ([] if args.training_only else names):
         results[name] = simulate_model(name, sizes, tokenizers, log)
         out += model_table(results[name], vae_phases, sizes, modes) + [""]
         for note in results[name]["notes"]:
@@ -889,13 +893,15 @@ def main(argv=None) -> int:
     training = {}
     if not args.no_training:
         variants = QUICK_TRAIN_VARIANTS if args.quick else TRAIN_VARIANTS
+        if args.variants:
+            variants = tuple(TRAIN_VARIANTS[int(i)] for i in args.variants.split(","))
         train_names = ["V5.1-12b"] if args.quick else [n for n in names if n == "V5.1-12b"]
         for name in train_names:
             training[name] = simulate_training(name, variants, QUICK_SIZES[0] if args.quick else TRAIN_SIZE,
                                                num_layers=2 if args.quick else None, log=log)
             out += training_table(name, training[name]) + [""]
             out += training_targets(training[name]) + [""]
-    first = next(iter(results.values()))
+    first = next(iter(results.values())) if results else {"phases": {}}
     for phase, p in first["phases"].items():
         if isinstance(phase, tuple) and phase[0] == "denoise":
             out.append(f"attention at {phase[1]}x{phase[2]}x{phase[3]}: " + attention_check(p, *phase[1:]))
