@@ -27,8 +27,8 @@ SAFETY = 1.10  # estimates are raised by 10% before comparing with the budget
 # ---- coefficients calibrated by benchmarks/memory_table.py (bf16, 2026-12-01) --------------------
 # Denoise step: activations = tokens x width x batch x DENOISE_BYTES + DENOISE_FIXED_PER_WIDTH x width
 # (tokens = latent frames x H/16 x W/16 + 256 text tokens; fused attention: linear in tokens).
-DENOISE_BYTES = 26.0  # per token, channel and batch item, bf16
-DENOISE_FIXED_PER_WIDTH = 2.0e4
+DENOISE_BYTES = 24.2  # per token, channel and batch item, bf16
+DENOISE_FIXED_PER_WIDTH = 0.0  # the fit's intercept is ~0
 # VAE decode (Magvit, temporal chunks): activations = H x W x C0 x DECODE_PER_PIXEL_CHANNEL (the
 # chunk's working set, C0 = the first block's channels; a spatial tile's area instead of H x W when
 # tiling is on) + frames x H x W x DECODE_OUTPUT_PER_VOXEL (the decoded video, bf16 then float32).

@@ -146,6 +146,11 @@ def test_preflight_matches_the_simulation_calibration():
     simulated_decode = {(384, 672, 25): 4.75, (576, 1008, 49): 10.78, (768, 1344, 49): 19.17}
     for (h, w, f), gib in simulated_decode.items():
         assert preflight.decode_activations(vae, w, h, f) / preflight.GIB == pytest.approx(gib, rel=0.10)
+    transformer = SimpleNamespace(config=SimpleNamespace(num_attention_heads=48, attention_head_dim=64, patch_size=2),
+                                  parameters=lambda: iter(()))
+    simulated_denoise = {(384, 672, 25): 1.01, (576, 1008, 25): 2.23, (576, 1008, 49): 4.12, (768, 1344, 49): 7.29}
+    for (h, w, f), gib in simulated_denoise.items():
+        assert preflight.denoise_activations(transformer, w, h, f, 2) / preflight.GIB == pytest.approx(gib, rel=0.10)
     simulated_encode = {(384, 672, 25): 2.92, (576, 1008, 25): 6.56}
     for (h, w, f), gib in simulated_encode.items():
         assert preflight.encode_activations(vae, w, h, f) / preflight.GIB == pytest.approx(gib, rel=0.10)
