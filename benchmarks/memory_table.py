@@ -799,6 +799,36 @@ def _prime_optimizer(trainer) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
+def extrapolated_training(name: str, variants, size, layer_counts: list[int], log=print) -> list[dict]:
+    """Each training row simulated at two layer counts and extrapolated linearly to the real depth:
+    every block is identical, so the LoRA, its gradients and optimizer state and the activations the
+    grad steps keep all grow by the same amount per block. Weights are those of the full model."""
+    low, high = layer_counts
+    full_layers = TRANSFORMERS[name]["num_layers"]
+    with fake_mode():
+        transformer = build_transformer(name)
+        full_weights = module_bytes(transformer) + module_bytes(build_vae()) + module_bytes(build_hps_reward())
+    rows = []
+    for variant in variants:
+        a = simulate_training(name, (variant,), size, num_layers=low, log=log)[0]
+        b = simulate_training(name, (variant,), size, num_layers=high, log=log)[0]
+        row = dict(b)
+        if a["error"] or b["error"]:
+            rows.append(row)
+            continue
+        for key in ("activations", "host", "state", "lora"):
+            per_layer = (b[key] - a[key]) / (high - low)
+            row[key] = int(b[key] + per_layer * (full_layers - high))
+        row["weights"] = full_weights
+        row["vram"] = full_weights + row["activations"]
+        row["label"] = variant[0]
+        row["note"] = f"extrapolated from {low} and {high} layers"
+        log(f"[{name} training, extrapolated to {full_layers} layers] {variant[0]}: peak {row['vram'] / GIB:.1f} GiB, "
+            f"RAM for offloaded activations {row['host'] / GIB:.1f} GiB")
+        rows.append(row)
+    return rows
+
+
 def training_table(name: str, rows: list[dict]) -> list[str]:
     lines = [f"### {name} training step at {TRAIN_SIZE[0]}x{TRAIN_SIZE[1]}x{TRAIN_SIZE[2]} (simulated; LoRA rank 128 "
              "on every Linear, AdamW, HPS v2.1 ViT-H-14 reward, 1 decoded latent, cfg 6, model_cpu_offload: "
@@ -809,7 +839,8 @@ def training_table(name: str, rows: list[dict]) -> list[str]:
         if r["error"]:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['label']} | {r['vram'] / GIB:.1f} | {fits_class(r['vram'])} | {r['weights'] / GIB:.1f} | "
+        label = r["label"] + (f" ({r['note']})" if r.get("note") else "")
+        lines.append(f"| {label} | {r['vram'] / GIB:.1f} | {fits_class(r['vram'])} | {r['weights'] / GIB:.1f} | "
                      f"{r['state'] / GIB:.2f} | {r['host'] / GIB:.1f} |")
     return lines
 
@@ -873,6 +904,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=None,
                         help="training rows to run, comma-separated indices into TRAIN_VARIANTS (default: all)")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--fit-layers", default=None,
+                        help="training rows from two smaller layer counts (e.g. 4,8), extrapolated linearly to the "
+                             "model's layer count (the blocks are identical), instead of the full-depth simulation")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     modes = memory_modes()
@@ -885,9 +919,10 @@ def main(argv=None) -> int:
     results = {}
     for name in ([] if args.training_only else names):
         results[name] = simulate_model(name, sizes, tokenizers, log)
-        out += model_table(results[name], vae_phases, sizes, modes) + [""]
-        for note in results[name]["notes"]:
-            out.append(f"note: {note}")
+        table = model_table(results[name], vae_phases, sizes, modes) + [""]
+        table += [f"note: {note}" for note in results[name]["notes"]]
+        log("\n".join(table))  # as soon as a model is done (the full run takes long)
+        out += table
     if "V5.1-12b" in results and not args.quick:
         out += comparison(results["V5.1-12b"], sizes, modes) + [""]
     training = {}
@@ -897,10 +932,15 @@ def main(argv=None) -> int:
             variants = tuple(TRAIN_VARIANTS[int(i)] for i in args.variants.split(","))
         train_names = ["V5.1-12b"] if args.quick else [n for n in names if n == "V5.1-12b"]
         for name in train_names:
-            training[name] = simulate_training(name, variants, QUICK_SIZES[0] if args.quick else TRAIN_SIZE,
-                                               num_layers=2 if args.quick else None, log=log)
-            out += training_table(name, training[name]) + [""]
-            out += training_targets(training[name]) + [""]
+            size = QUICK_SIZES[0] if args.quick else TRAIN_SIZE
+            if args.fit_layers:
+                training[name] = extrapolated_training(name, variants, size, [int(x) for x in args.fit_layers.split(",")],
+                                                       log)
+            else:
+                training[name] = simulate_training(name, variants, size, num_layers=2 if args.quick else None, log=log)
+            table = training_table(name, training[name]) + [""] + training_targets(training[name]) + [""]
+            log("\n".join(table))
+            out += table
     first = next(iter(results.values())) if results else {"phases": {}}
     for phase, p in first["phases"].items():
         if isinstance(phase, tuple) and phase[0] == "denoise":

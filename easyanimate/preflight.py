@@ -206,9 +206,7 @@ def free_bytes(device: torch.device | str) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     else:
-        import psutil
-
-        free = psutil.virtual_memory().available
+        free = _available_ram()
     cap = os.environ.get(BUDGET_ENV, "").strip()
     if cap:
         try:
@@ -216,6 +214,18 @@ def free_bytes(device: torch.device | str) -> int:
         except ValueError:
             raise ValueError(f"{BUDGET_ENV}={cap!r} is not a number of GB") from None
     return int(free)
+
+
+def _available_ram() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil comes with ComfyUI; plain Python may lack it
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return 1 << 62  # unknown: do not refuse
 
 
 def _gib(n: float) -> str:
