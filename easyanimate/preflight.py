@@ -43,9 +43,9 @@ ENCODE_PER_PIXEL_CHANNEL = 88.0
 TEXT_BYTES = 700.0
 # Training step with gradient checkpointing: per grad step, the saved block inputs of every layer;
 # without checkpointing every activation of every layer of the grad steps.
-TRAIN_CKPT_BYTES = 7.0  # per token, channel, layer and batch item, per grad step
+TRAIN_CKPT_BYTES = 2.1  # per token, channel, layer and batch item, per grad step (simulated 12b tail 10)
 TRAIN_FULL_BYTES = 140.0
-TRAIN_FIXED = 3.0 * GIB  # decode of the first latent with a graph, the reward's backward, workspace
+TRAIN_FIXED = 2.0 * GIB  # one step's recompute, the first latent's decode with a graph, the reward's backward
 
 
 class MemoryPreflightError(RuntimeError):
