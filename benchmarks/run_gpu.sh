@@ -2,8 +2,10 @@
 # Run the pack's three benchmarks on one CUDA GPU and write a summary.
 #
 #   bash benchmarks/run_gpu.sh --fetch-wheels     # HERE (network to PyPI): fill .cache/gpu-wheels
-#   bash benchmarks/run_gpu.sh [STAGE ...]        # on the GPU machine; STAGE: reward lora train
-#                                                 # (default: all three, in that order)
+#   bash benchmarks/run_gpu.sh [STAGE ...]        # on the GPU machine; STAGE: reward lora train memory
+#                                                 # (default: all four, in that order; `memory` alone
+#                                                 # fits one 10-minute command: real cells of the
+#                                                 # simulated memory table, benchmarks/memory_gpu.py)
 #
 # The lent GPU machine (see benchmarks/README.md) has python3 with torch, transformers, peft,
 # safetensors, accelerate, timm, psutil, pillow, but no diffusers / open-clip-torch / ftfy and no
@@ -34,7 +36,7 @@ if [[ ${1:-} == --fetch-wheels ]]; then
 fi
 
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(reward lora train)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(reward lora train memory)
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-570}
 LORA_LAYERS=${LORA_LAYERS:-48}
@@ -114,6 +116,7 @@ stage_marker() {
         reward_throughput) echo '^[^ ].* cuda, batch' ;;
         lora_merge) echo '^torch ' ;;
         train_memory) echo '^GPU ' ;;
+        memory_gpu) echo '^GPU ' ;;
     esac
 }
 
@@ -126,8 +129,10 @@ for stage in "${STAGES[@]}"; do
             run_stage lora_merge 240 "$PY" benchmarks/lora_merge.py --device cuda --layers "$LORA_LAYERS" ;;
         train)
             run_stage train_memory 600 "$PY" benchmarks/train_memory.py --gpu --layers "$TRAIN_LAYERS" ;;
+        memory)
+            run_stage memory_gpu 540 "$PY" benchmarks/memory_gpu.py --simulated benchmarks/memory_table_simulated.json ;;
         *)
-            say "unknown stage '$stage' (reward, lora, train)"; exit 2 ;;
+            say "unknown stage '$stage' (reward, lora, train, memory)"; exit 2 ;;
     esac
 done
 say ""

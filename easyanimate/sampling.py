@@ -18,6 +18,7 @@ from .buckets import resolve_size
 from .cancel import check_cancel
 from .conditioning import INPAINT_NOISE_RATIO, LATENT_CHANNELS, rescale_guidance, transformer_kwargs  # noqa: F401
 from .model import EasyAnimateModel, EasyAnimatePipe
+from .preflight import check_sampling
 from .schedulers import FLOW_SCHEDULERS, NOISE_SCHEDULERS, SCHEDULER_CHOICES  # noqa: F401 (re-exported)
 from .schedulers import build_scheduler, check_shift, check_steps
 from .preview import denoised_estimate
@@ -263,6 +264,8 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
     speed = request.speed()
     check_steps(make_scheduler(pipe, request.scheduler, request.shift), request.steps)  # before any work
     conditioning.check_request(conditioning.model_inputs(pipe), request)
+    check_sampling(pipe, request.width, request.height, request.frames, request.videos, request.guidance_scale,
+                   request.start_image is not None)  # refuse before allocating (easyanimate/preflight.py)
     device = pipe.compute_device
     seeds = [request.seed + i for i in range(request.videos)]
     cond, uncond = text or encode_request_prompts(pipe, request.prompt, request.negative_prompt,

@@ -10,6 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..easyanimate.lora_format import load_lora_file
 from ..training.config import BACKPROP_STRATEGIES, TrainConfig, parse_optional_number
+from ..training.memory_options import OPTIMIZERS
 from ..training.run_layout import RUNS_FOLDER, RunLayout
 from ..training.prompts import load_prompts
 from ..training.trainer import RewardLoRATrainer as CoreTrainer, StepReport, history_plot
@@ -141,6 +142,12 @@ class RewardLoRATrainerNode(io.ComfyNode):
                                      "the summary then names the best checkpoint (<name>.best.safetensors)."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward (transformer and VAE): far less memory."),
+                io.Boolean.Input("activation_offload", default=False, optional=True,
+                                 tooltip="Keep the tensors saved for backward in CPU RAM (pinned) instead of on the "
+                                         "GPU: less VRAM, more RAM, some transfer time. No effect on a CPU device."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
+                               tooltip="adamw: torch AdamW. adamw_8bit: bitsandbytes' 8-bit AdamW (about 2 bytes of "
+                                       "state per LoRA parameter instead of 8; saved for an exact resume too)."),
                 *guard_inputs(),
                 io.Combo.Input("resume_from", options=_resume_options(), default=NO_RESUME, optional=True,
                                tooltip="Continue a run from its LoRA (step count, history, AdamW's state and float32 "
@@ -161,7 +168,7 @@ class RewardLoRATrainerNode(io.ComfyNode):
                 num_sampled_frames, rank, alpha, target_modules, learning_rate, weight_decay, adam_eps, max_grad_norm,
                 grad_accumulation, batch_size, seed, max_reward, loss_scale, save_every, lora_name, eval_prompts,
                 eval_every, early_stop_patience, gradient_checkpointing, resume_from=NO_RESUME,
-                **guards) -> io.NodeOutput:
+                activation_offload=False, optimizer="adamw", **guards) -> io.NodeOutput:
         search = [folder_paths.get_input_directory()]
         train_prompts = load_prompts(prompts, search, "training prompts", confine=True)
         held_out = load_prompts(eval_prompts, search, "held-out prompts", allow_empty=True, confine=True)
@@ -175,7 +182,8 @@ class RewardLoRATrainerNode(io.ComfyNode):
             weight_decay=weight_decay, adam_eps=adam_eps, max_grad_norm=max_grad_norm,
             grad_accumulation=grad_accumulation, batch_size=batch_size, seed=seed,
             gradient_checkpointing=gradient_checkpointing, save_every=save_every, eval_every=eval_every,
-            early_stop_patience=early_stop_patience, **guard_settings(guards),
+            early_stop_patience=early_stop_patience, activation_offload=activation_offload, optimizer=optimizer,
+            **guard_settings(guards),
         ).validate()
         layout = run_layout(lora_name)
         resume = _resume_layout(resume_from) if resume_from and resume_from != NO_RESUME else None

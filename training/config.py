@@ -169,6 +169,9 @@ class TrainConfig:
     motion_stop_drop: float = 0.0  # % : stop when held-out reward is up and motion down by more; 0: off
     preserve: str = "none"  # "motion" | "frames": penalise the distance to the base model's rollout
     preserve_weight: float = 1.0
+    # memory (training/memory_options.py)
+    activation_offload: bool = False  # tensors saved for backward go to CPU RAM (save_on_cpu)
+    optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (bitsandbytes)
 
     def validate(self) -> "TrainConfig":
         from ..easyanimate.sampling import check_video_size
@@ -207,6 +210,9 @@ class TrainConfig:
                 re.compile(self.target_modules)
             except re.error as e:
                 raise ValueError(f"target_modules {self.target_modules!r} is not a valid regular expression: {e}") from e
+        from .memory_options import check_optimizer_name
+
+        check_optimizer_name(self.optimizer)
         has_list = bool(str(self.backprop_steps or "").strip())
         if has_list and self.backprop not in ("list", "auto"):
             raise ValueError(f"backprop_steps {self.backprop_steps!r} is given but backprop is {self.backprop!r}: "

@@ -30,6 +30,7 @@ from ..easyanimate.step_cache import DEFAULT_TEACACHE_THRESHOLD, SpeedSettings
 from ..easyanimate.text import TextConditioning, encode_prompts
 from ..reward.video import score_per_video
 from .config import TrainConfig
+from .embedding_store import DEFAULT_RAM_LIMIT, EmbeddingStore
 
 GradSteps = Collection[int] | Callable[[int], Collection[int]]
 ALL_FRAMES = 0  # num_sampled_frames 0: score every decoded frame
@@ -142,22 +143,21 @@ class PromptBank:
     """Text conditioning of every prompt, encoded once and kept on the CPU: the text encoders are
     on the GPU only during this encoding (the pipe's placement moves them), never during training."""
 
-    def __init__(self, pipe: EasyAnimatePipe, prompts: Sequence[str], negative_prompt: str = "", chunk: int = 8):
+    def __init__(self, pipe: EasyAnimatePipe, prompts: Sequence[str], negative_prompt: str = "", chunk: int = 8,
+                 ram_limit: int = DEFAULT_RAM_LIMIT):
         self.pipe = pipe
         self.negative_prompt = negative_prompt
         unique = list(dict.fromkeys(list(prompts) + [negative_prompt]))
-        self._encoded: dict[str, TextConditioning] = {}
+        # More than ram_limit prompts: embeddings go to disk chunk by chunk (training/embedding_store.py).
+        self.store = EmbeddingStore(len(unique), ram_limit)
         # The encoders move to the GPU once for all chunks, not once per chunk.
         with pipe.placement.use(pipe.text_encoder), pipe.placement.use(pipe.text_encoder_2):
             for start in range(0, len(unique), chunk):
                 part = unique[start:start + chunk]
-                encoded = encode_prompts(pipe, part)
-                for i, prompt in enumerate(part):
-                    t5 = None if encoded.embeds_t5 is None else encoded.embeds_t5[i:i + 1].cpu()
-                    self._encoded[prompt] = TextConditioning(encoded.embeds[i:i + 1].cpu(), t5)
+                self.store.add_chunk(part, encode_prompts(pipe, part))
 
     def cond(self, prompts: Sequence[str]) -> TextConditioning:
-        parts = [self._encoded[p] for p in prompts]
+        parts = [self.store.get(p) for p in prompts]
         return TextConditioning.cat(parts).to(self.pipe.compute_device, self.pipe.dtype)
 
     def uncond(self, batch: int) -> TextConditioning:

@@ -27,6 +27,7 @@ import torch
 
 from ..easyanimate.cancel import check_cancel
 from ..easyanimate.model import EasyAnimateModel
+from ..easyanimate.preflight import check_training
 from ..easyanimate.sampling import is_flow_matching, sync_loras
 from .checkpoint import (
     SCALER_PREFIX,
@@ -46,6 +47,7 @@ from .config import TrainConfig, resolve_strategy, select_grad_steps
 from .distributed import SINGLE_PROCESS, DataParallel, critical
 from .guards import GUARD_STATE_KEY, TrainingGuards
 from .lora_layers import LoraLayers
+from .memory_options import activation_offload, after_restore, make_optimizer
 from .run_layout import RunLayout, claim_run, file_run_id, new_run_id, read_run_record
 from .rollout import (
     PromptBank,
@@ -188,8 +190,7 @@ class RewardLoRATrainer:
             log.info("resumed from %s at step %d", self.resume_from, state.step)
         else:
             self.lora = LoraLayers(transformer, cfg.rank, cfg.alpha, cfg.target_modules, seed=cfg.seed, device=device)
-        self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=cfg.learning_rate,
-                                           weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        self.optimizer = make_optimizer(cfg, self.lora.parameters())
         # fp16 activations underflow in backward without loss scaling; bf16/fp32 need none.
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=self.pipe.dtype == torch.float16)
         self._start_step = self.state.step
@@ -224,6 +225,7 @@ class RewardLoRATrainer:
             state = self.scaler.state_dict()
             state.update(scale=float(scaler["scale"]), _growth_tracker=int(scaler["growth_tracker"]))
             self.scaler.load_state_dict(state)
+        after_restore(self.optimizer)
         log.info("restored AdamW state and float32 weights from %s", source)
 
     def _claim_files(self) -> None:
@@ -305,15 +307,17 @@ class RewardLoRATrainer:
             check_cancel()
             prompts, seeds = self._micro_batch(step, micro)
             uncond = bank.uncond(len(prompts)) if cfg.guidance_scale > 1 else None
-            video = rollout_video(pipe, self.settings, bank.cond(prompts), uncond, seeds,
-                                  self.grad_steps_for(step, micro), cfg.detach_input, self._sampling_callback())
-            with self.guards.updating_statistics():
-                scores = frame_rewards(self.reward, video, prompts, self.settings.num_sampled_frames)
-            loss = reward_loss(scores, cfg.max_reward, cfg.loss_scale)
-            if cfg.preserve != "none":  # the base model's rollout on the same noise and prompts
-                base = self.guards.base_rollout(lambda: rollout_video(
-                    pipe, self.settings, bank.cond(prompts), uncond, seeds, (), step_callback=self._sampling_callback()))
-                loss = loss + self.guards.preserve_loss(video, base)
+            with activation_offload(cfg, pipe.compute_device):
+                video = rollout_video(pipe, self.settings, bank.cond(prompts), uncond, seeds,
+                                      self.grad_steps_for(step, micro), cfg.detach_input, self._sampling_callback())
+                with self.guards.updating_statistics():
+                    scores = frame_rewards(self.reward, video, prompts, self.settings.num_sampled_frames)
+                loss = reward_loss(scores, cfg.max_reward, cfg.loss_scale)
+                if cfg.preserve != "none":  # the base model's rollout on the same noise and prompts
+                    base = self.guards.base_rollout(lambda: rollout_video(
+                        pipe, self.settings, bank.cond(prompts), uncond, seeds, (),
+                        step_callback=self._sampling_callback()))
+                    loss = loss + self.guards.preserve_loss(video, base)
             if not torch.isfinite(loss) and not self.dist.active:  # ranks: all stop after the reduction
                 raise _NonFinite(f"the loss is {loss.item()} at step {step + 1}")
             self.scaler.scale(loss / cfg.grad_accumulation).backward()
@@ -469,6 +473,7 @@ class RewardLoRATrainer:
 
     def _train(self) -> TrainResult:
         cfg = self.config
+        check_training(self.pipe, cfg, self.reward)  # refuse before allocating (easyanimate/preflight.py)
         self._freeze_frozen_parts()
         sync_loras(self.model)  # LoRAs already on the wire stay applied under the one being trained
         self._build_lora()
@@ -540,6 +545,7 @@ class RewardLoRATrainer:
         finally:
             self.lora.detach()
             restore_checkpointing()
+            bank.store.close()
         self.save(stop_reason)
         return self._result(stop_reason)
 
