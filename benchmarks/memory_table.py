@@ -89,7 +89,6 @@ QWEN2VL_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, 
 MAGVIT: dict = {}
 # VAE tiling for the "tiled" rows until easyanimate/vae.py chooses tiles by budget: diffusers'
 # enable_tiling with 384 px tiles (its 512 px default never engages at 384 px).
-TILE_PX = 384
 
 # The official V5.1-12B table (README of aigc-apps/EasyAnimate): the smallest GPU class of each
 # size and the mode it needs there.
@@ -361,18 +360,23 @@ def phase_denoise(pipe, height: int, width: int, frames: int) -> Phase:
     return measure(run)
 
 
-def set_vae_tiling(vae, tiled: bool) -> None:
-    if tiled:
-        vae.enable_tiling(tile_sample_min_height=TILE_PX, tile_sample_min_width=TILE_PX)
-    else:
-        vae.disable_tiling()
-        vae.use_framewise_decoding = vae.use_framewise_encoding = False
+# The pack tiles the VAE by a memory budget (easyanimate/vae.py plan_vae): the tiled rows plan for
+# this budget, the untiled ones for none. ("auto" would read the device's free memory, which fake
+# tensors do not have.)
+TILED_VAE_BUDGET = 2 * 2**30
+
+
+def set_vae_tiling(pipe, tiled: bool) -> None:
+    options = getattr(pipe, "options", None)
+    if options is None:
+        options = pipe.options = {}
+    options["vae_budget_bytes"] = TILED_VAE_BUDGET if tiled else None
 
 
 def phase_decode(pipe, height: int, width: int, frames: int, tiled: bool) -> Phase:
     from easyanimate_reward.easyanimate.sampling import decode_latents, latent_shape
 
-    set_vae_tiling(pipe.vae, tiled)
+    set_vae_tiling(pipe, tiled)
 
     def run(counter):
         with torch.no_grad():
@@ -383,14 +387,14 @@ def phase_decode(pipe, height: int, width: int, frames: int, tiled: bool) -> Pha
     try:
         return measure(run)
     finally:
-        set_vae_tiling(pipe.vae, False)
+        set_vae_tiling(pipe, False)
 
 
 def phase_encode(pipe, height: int, width: int, frames: int, tiled: bool) -> Phase:
     """Image-to-video: the VAE encodes the start image followed by grey frames (inpaint_condition)."""
     from easyanimate_reward.easyanimate.sampling import inpaint_condition, latent_shape
 
-    set_vae_tiling(pipe.vae, tiled)
+    set_vae_tiling(pipe, tiled)
 
     def run(counter):
         start = torch.zeros(1, 3, height, width)
@@ -398,7 +402,7 @@ def phase_encode(pipe, height: int, width: int, frames: int, tiled: bool) -> Pha
     try:
         return measure(run)
     finally:
-        set_vae_tiling(pipe.vae, False)
+        set_vae_tiling(pipe, False)
 
 
 # ---- placement per memory mode -------------------------------------------------------------------

@@ -259,8 +259,6 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
     request = resolve_size(request)
     check_video_size(request.width, request.height, request.frames)
     check_guidance(request.guidance_scale)
-    if request.steps < 1:
-        raise ValueError("steps must be at least 1")
     speed = request.speed()
     check_steps(make_scheduler(pipe, request.scheduler, request.shift), request.steps)  # before any work
     conditioning.check_request(conditioning.model_inputs(pipe), request)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from easyanimate_reward.training import distributed
 from easyanimate_reward.training.__main__ import main
 from easyanimate_reward.training.distributed import DataParallel, UnsupportedEngineError, check_engine
+from easyanimate_reward.training.run_layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 420  # seconds per launch (start-up of 2 Python processes dominates on 2 loaded cores)
@@ -82,11 +83,12 @@ def check(result: subprocess.CompletedProcess) -> None:
 
 
 def sidecar(path: Path) -> dict:
-    return json.loads(Path(str(path) + ".json").read_text())
+    """run.json of the run whose LoRA is `path` (training/run_layout.py)."""
+    return json.loads(RunLayout.for_lora_file(path).run_json.read_text())
 
 
 def optimizer_file(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path).replace(".safetensors", ".optimizer.safetensors"))
+    return load_file(str(RunLayout.for_lora_file(path).state))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -134,8 +136,9 @@ def test_two_ranks_of_batch_one_equal_one_process_of_batch_two(runs):
     assert info["history"]["eval_step"] == [0, 2] and (runs / "d2.best.safetensors").is_file()
     # Only rank 0 wrote, and only the run's own files (no per-rank or temporary files).
     written = sorted(p.name for p in runs.iterdir() if p.name.startswith("d2"))
-    assert written == ["d2.best.safetensors", "d2.best.safetensors.json", "d2.optimizer.safetensors",
-                       "d2.safetensors", "d2.safetensors.json"]
+    assert written == ["d2.best.safetensors", "d2.safetensors"]
+    run_folder = RunLayout.for_lora_file(runs / "d2.safetensors").folder
+    assert sorted(p.name for p in run_folder.iterdir()) == ["run.json", "training_state.safetensors"]
     assert not [p.name for p in runs.iterdir() if p.name.startswith(".")]
 
 
@@ -160,8 +163,10 @@ def test_a_crash_or_ctrl_c_on_one_rank_stops_all_with_the_last_step_saved(tiny_m
     assert info["stop_reason"] != "finished"
     state = optimizer_file(out)
     assert all(torch.isfinite(t).all() for t in state.values())
+    run_folder = RunLayout.for_lora_file(out).folder
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".txt") == [
-        "run.optimizer.safetensors", "run.safetensors", "run.safetensors.json"]  # nothing half-written
+        run_folder.parent.name, "run.safetensors"]  # nothing half-written
+    assert sorted(p.name for p in run_folder.iterdir()) == ["run.json", "training_state.safetensors"]
     # The kept file resumes (one process, same global batch) to the end.
     assert main(args[:args.index("--batch-size")] + ["--batch-size", "2", "--save-every", "0", "--resume", str(out)]) == 0
     assert sidecar(out)["history"]["step"] == [1, 2, 3, 4, 5, 6]

@@ -23,7 +23,7 @@ def vae():
 
 
 def _pipe(vae, **options):
-    transformer = SimpleNamespace(config=SimpleNamespace(add_noise_in_inpaint_model=False))
+    transformer = SimpleNamespace(config=SimpleNamespace(add_noise_in_inpaint_model=False, in_channels=33))
     return SimpleNamespace(vae=vae, transformer=transformer, dtype=torch.float32, options=options,
                            placement=ModulePlacement("none", "cpu"), compute_device=torch.device("cpu"))
 

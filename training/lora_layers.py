@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..easyanimate.keymap import diffusers_to_original
-from ..easyanimate.lora_format import LoraWeights, lora_target_modules, weights_from_tensors
+from ..easyanimate.lora_format import BLOCKS_KEY, LoraWeights, lora_target_modules, weights_from_tensors
 
 
 def select_target_paths(transformer: nn.Module, pattern: str = "") -> list[str]:
@@ -61,6 +61,9 @@ class LoraLayers(nn.Module):
         if missing:
             raise ValueError(f"no Linear layer {missing[0]!r} in the transformer")
         self.rank, self.alpha = int(rank), float(alpha)
+        # The model's depth goes into every file this LoRA is saved to: the loader judges a partial
+        # file of the pack's by it (a 36-block LoRA is not taken for a subset of a 48-block model).
+        self.transformer_blocks = getattr(getattr(transformer, "config", None), "num_layers", None)
         generator = torch.Generator("cpu").manual_seed(int(seed))
         self.down = nn.ParameterList()
         self.up = nn.ParameterList()
@@ -114,6 +117,9 @@ class LoraLayers(nn.Module):
     def to_weights(self, metadata: dict | None = None) -> LoraWeights:
         """A CPU snapshot in the pack's LoRA type (diffusers paths), ready for save_lora_file."""
         tensors = {path: (self.down[i], self.up[i]) for i, path in enumerate(self.paths)}
+        metadata = dict(metadata or {})
+        if self.transformer_blocks is not None:
+            metadata.setdefault(BLOCKS_KEY, str(self.transformer_blocks))
         return weights_from_tensors(tensors, self.alpha, metadata=metadata)
 
     @torch.no_grad()
