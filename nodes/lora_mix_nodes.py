@@ -44,7 +44,7 @@ class EasyAnimateLoraMix(io.ComfyNode):
                                     "replaced."),
         ]
         return io.Schema(
-            node_id="EasyAnimateLoraMix",
+            node_id="EasyAnimateReward_LoraMix",
             display_name="EasyAnimate Mix LoRAs",
             category="EasyAnimate/lora",
             description="Mixes several LoRAs with weights into one LoRA file (e.g. 0.5 x HPS + 0.5 x MPS) in the "

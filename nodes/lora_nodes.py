@@ -57,7 +57,7 @@ class EasyAnimateLoraApply(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EasyAnimateLoraApply",
+            node_id="EasyAnimateReward_LoraApply",
             display_name="EasyAnimate Apply LoRA",
             category="EasyAnimate/lora",
             description="Adds a LoRA to the model's LoRA stack. Nothing is merged here: the sampler "
@@ -97,7 +97,7 @@ class EasyAnimateSaveMerged(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EasyAnimateSaveMerged",
+            node_id="EasyAnimateReward_SaveMerged",
             display_name="EasyAnimate Save Merged Model",
             category="EasyAnimate/lora",
             description="Bakes the model's LoRA stack into a copy of its transformer and saves a complete "

@@ -68,7 +68,7 @@ class EasyAnimateCameraMotion(io.ComfyNode):
     def define_schema(cls):
         motions = [NO_MOTION] + list(PRESETS)
         return io.Schema(
-            node_id="EasyAnimateCameraMotion",
+            node_id="EasyAnimateReward_CameraMotion",
             display_name="EasyAnimate Camera Motion",
             category="EasyAnimate",
             description="Camera motion for V5.1 Control-Camera models: up to four presets added together (e.g. pan up "

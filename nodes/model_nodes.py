@@ -19,7 +19,7 @@ class EasyAnimateModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EasyAnimateModelLoader",
+            node_id="EasyAnimateReward_ModelLoader",
             display_name="Load EasyAnimate Model",
             category="EasyAnimate",
             description="Loads an EasyAnimate V5 (Bert+T5, DDIM) or V5.1 (Qwen2-VL, flow matching) model folder "
@@ -51,7 +51,7 @@ class EasyAnimateSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EasyAnimateSampler",
+            node_id="EasyAnimateReward_Sampler",
             hidden=[io.Hidden.unique_id],  # cls.hidden.unique_id: progress bar and text on this node
             display_name="EasyAnimate Sampler",
             category="EasyAnimate",

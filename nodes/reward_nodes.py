@@ -65,7 +65,7 @@ class RewardModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="RewardModelLoader",
+            node_id="EasyAnimateReward_RewardModelLoader",
             display_name="Load Reward Model",
             category=CATEGORY,
             description="Loads a reward model (a frozen, differentiable judge of frames) from models/reward_models, "
@@ -113,7 +113,7 @@ class RewardCombine(io.ComfyNode):
                     "each term standardised by running statistics of its scores on the training rollouts "
                     "(saved with the trainer's checkpoints, reset at the start of every training run)."))
         return io.Schema(
-            node_id="RewardCombine",
+            node_id="EasyAnimateReward_RewardCombine",
             display_name="Combine Rewards",
             category=CATEGORY,
             description="Weighted sum of up to four rewards, e.g. 1.0 x HPS + 0.5 x aesthetic + 0.5 x motion. "
@@ -139,7 +139,7 @@ class RewardScoreFrames(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="RewardScoreFrames",
+            node_id="EasyAnimateReward_RewardScoreFrames",
             display_name="Score Frames with Reward",
             category=CATEGORY,
             description="Scores every frame of an IMAGE batch (one video, frames in order) with a reward; "
@@ -172,7 +172,7 @@ class RewardRankCandidates(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="RewardRankCandidates",
+            node_id="EasyAnimateReward_RewardRankCandidates",
             display_name="Rank Candidate Videos by Reward",
             category=CATEGORY,
             description="Best-of-N: scores candidate videos laid out one after another in an IMAGE batch "

@@ -55,7 +55,7 @@ class EasyAnimateStrengthSweep(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EasyAnimateStrengthSweep",
+            node_id="EasyAnimateReward_StrengthSweep",
             hidden=[io.Hidden.unique_id],  # cls.hidden.unique_id: progress bar and text on this node
             display_name="EasyAnimate LoRA Strength Sweep",
             category="EasyAnimate/lora",

@@ -52,7 +52,7 @@ class RewardLoRATrainerNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="RewardLoRATrainer",
+            node_id="EasyAnimateReward_RewardLoRATrainer",
             hidden=[io.Hidden.unique_id],  # cls.hidden.unique_id: progress bar and text on this node
             display_name="EasyAnimate Reward LoRA Trainer",
             category="EasyAnimate/training",

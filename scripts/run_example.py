@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     server.prepare_base()
     install_models(base, tiny_models())
     graph = workflows.tinyfy(workflows.load_api(args.workflow), TINY_NAMES, workflows.TINY_LORAS,
-                             {"RewardLoRATrainer": {"lora_name": "example_trained_reward_lora"}})
+                             {"EasyAnimateReward_RewardLoRATrainer": {"lora_name": "example_trained_reward_lora"}})
     workflows.install_tiny_assets(base, graph)
 
     print(f"[example] starting ComfyUI (base {base}, log {server.log_path})")

@@ -151,7 +151,7 @@ def browser(comfy_server):
         tools.call("Page.enable")
         tools.call("Page.navigate", url=comfy_server.url + "/")
         tools.wait_for("!!(window.app && window.app.graph && window.LiteGraph && "
-                       "LiteGraph.registered_node_types['EasyAnimateSampler'])")
+                       "LiteGraph.registered_node_types['EasyAnimateReward_Sampler'])")
         yield tools
     finally:
         tools.close()

@@ -2,7 +2,7 @@
 
 from host import history_error
 
-FOUNDATION_NODES = {"EasyAnimateModelLoader", "EasyAnimateSampler"}
+FOUNDATION_NODES = {"EasyAnimateReward_ModelLoader", "EasyAnimateReward_Sampler"}
 
 
 def t2v_graph(model_name: str, frames: int = 5, seed: int = 1, extra_sampler: dict | None = None) -> dict:
@@ -11,9 +11,9 @@ def t2v_graph(model_name: str, frames: int = 5, seed: int = 1, extra_sampler: di
                "videos": 1}
     sampler.update(extra_sampler or {})
     return {
-        "1": {"class_type": "EasyAnimateModelLoader",
+        "1": {"class_type": "EasyAnimateReward_ModelLoader",
               "inputs": {"model": model_name, "precision": "fp32", "gpu_memory_mode": "none"}},
-        "2": {"class_type": "EasyAnimateSampler", "inputs": sampler},
+        "2": {"class_type": "EasyAnimateReward_Sampler", "inputs": sampler},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "t2v"}},
     }
 
@@ -22,7 +22,7 @@ def test_object_info_lists_the_pack_nodes(comfy_server):
     info = comfy_server.object_info()
     missing = FOUNDATION_NODES - set(info)
     assert not missing, f"nodes not registered: {missing}\n{comfy_server.log_tail()}"
-    loader = info["EasyAnimateModelLoader"]["input"]["required"]
+    loader = info["EasyAnimateReward_ModelLoader"]["input"]["required"]
     models = loader["model"][0] if isinstance(loader["model"][0], list) else loader["model"][1]["options"]
     assert "tiny-EasyAnimateV5-zh-InP" in models and "tiny-EasyAnimateV5.1-zh-InP" in models
 

@@ -13,14 +13,14 @@ LORA = "tiny-v5-reward-lora-host.safetensors"
 
 
 def _sampler(model_ref, seed=5):
-    return {"class_type": "EasyAnimateSampler",
+    return {"class_type": "EasyAnimateReward_Sampler",
             "inputs": {"model": model_ref, "prompt": "a cat playing piano", "negative_prompt": "", "width": 32,
                        "height": 32, "frames": 5, "steps": 3, "cfg": 6.0, "seed": seed, "scheduler": "auto",
                        "videos": 1}}
 
 
 def _lora(strength, model=("1", 0)):
-    return {"class_type": "EasyAnimateLoraApply",
+    return {"class_type": "EasyAnimateReward_LoraApply",
             "inputs": {"model": list(model), "lora_name": LORA, "strength": strength, "mode": "fused"}}
 
 
@@ -37,7 +37,7 @@ def _frames(server, entry, node):
 
 
 def _loader(name):
-    return {"class_type": "EasyAnimateModelLoader",
+    return {"class_type": "EasyAnimateReward_ModelLoader",
             "inputs": {"model": name, "precision": "fp32", "gpu_memory_mode": "none"}}
 
 
@@ -88,7 +88,7 @@ def test_save_merged_model_reloads_and_matches_the_applied_lora(comfy_server):
     merged_name = "tiny-v5-merged-host"
     graph = {
         "1": _loader(V5), "2": _lora(0.7),
-        "3": {"class_type": "EasyAnimateSaveMerged", "inputs": {"model": ["2", 0], "name": merged_name}},
+        "3": {"class_type": "EasyAnimateReward_SaveMerged", "inputs": {"model": ["2", 0], "name": merged_name}},
         "4": _sampler(["2", 0]), "7": _save(["4", 0], "applied"),
     }
     entry = comfy_server.run(graph)

@@ -13,9 +13,9 @@ V5 = "tiny-EasyAnimateV5-zh-InP"
 
 def _graph(name, rank=0):
     return {
-        "1": {"class_type": "EasyAnimateModelLoader",
+        "1": {"class_type": "EasyAnimateReward_ModelLoader",
               "inputs": {"model": V5, "precision": "fp32", "gpu_memory_mode": "none"}},
-        "2": {"class_type": "EasyAnimateLoraMix",
+        "2": {"class_type": "EasyAnimateReward_LoraMix",
               "inputs": {"model": ["1", 0], "lora_1": "mix-a.safetensors", "weight_1": 0.5,
                          "lora_2": "mix-b.safetensors", "weight_2": 0.25, "target_rank": rank,
                          "save_dtype": "fp32", "name": name}},

@@ -189,7 +189,7 @@ def test_host_refuses_an_oversized_request_and_keeps_serving(tiny_models, tmp_pa
             os.environ[preflight.BUDGET_ENV] = previous
     try:
         graph = workflows.tinyfy(workflows.load_api("image_to_video"), TINY_NAMES, workflows.TINY_LORAS)
-        sampler = next(n for n in graph.values() if n["class_type"] == "EasyAnimateSampler")
+        sampler = next(n for n in graph.values() if n["class_type"] == "EasyAnimateReward_Sampler")
         small = dict(sampler["inputs"])
         sampler["inputs"].update(width=768, height=768, frames=145)
         entry = server.run(graph, timeout=300)

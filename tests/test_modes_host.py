@@ -26,21 +26,21 @@ def server(comfy_server):
 
 def camera_graph(lora_strength: float) -> dict:
     return {
-        "1": {"class_type": "EasyAnimateModelLoader", "inputs": {"model": TINY_VARIANT_NAMES["v5.1-camera"], **LOADER}},
-        "2": {"class_type": "EasyAnimateLoraApply", "inputs": {"model": ["1", 0], "lora_name": "tiny-v51-modes.safetensors",
+        "1": {"class_type": "EasyAnimateReward_ModelLoader", "inputs": {"model": TINY_VARIANT_NAMES["v5.1-camera"], **LOADER}},
+        "2": {"class_type": "EasyAnimateReward_LoraApply", "inputs": {"model": ["1", 0], "lora_name": "tiny-v51-modes.safetensors",
                                                                "strength": lora_strength, "mode": "fused"}},
         "3": {"class_type": "LoadImage", "inputs": {"image": workflows.TINY_START_IMAGE}},
-        "4": {"class_type": "EasyAnimateCameraMotion", "inputs": dict(motion="pan up", motion_2="none", motion_3="none",
+        "4": {"class_type": "EasyAnimateReward_CameraMotion", "inputs": dict(motion="pan up", motion_2="none", motion_3="none",
                                                                      motion_4="none", speed=1.0, frames=3, fx=0.47,
                                                                      fy=0.84, cx=0.5, cy=0.5)},
-        "5": {"class_type": "EasyAnimateCameraMotion", "inputs": dict(motion="zoom in", motion_2="pan left",
+        "5": {"class_type": "EasyAnimateReward_CameraMotion", "inputs": dict(motion="zoom in", motion_2="pan left",
                                                                      motion_3="none", motion_4="none", speed=1.0,
                                                                      frames=3, fx=0.47, fy=0.84, cx=0.5, cy=0.5,
                                                                      previous=["4", 0])},
-        "6": {"class_type": "EasyAnimateSampler", "inputs": {"model": ["2", 0], **SAMPLER, "ref_image": ["3", 0],
+        "6": {"class_type": "EasyAnimateReward_Sampler", "inputs": {"model": ["2", 0], **SAMPLER, "ref_image": ["3", 0],
                                                              "camera": ["5", 0]}},
-        "7": {"class_type": "RewardModelLoader", "inputs": {"kind": "colorfulness", "device": "auto", "dtype": "auto"}},
-        "8": {"class_type": "RewardScoreFrames", "inputs": {"reward": ["7", 0], "frames": ["6", 0], "prompt": "a cat",
+        "7": {"class_type": "EasyAnimateReward_RewardModelLoader", "inputs": {"kind": "colorfulness", "device": "auto", "dtype": "auto"}},
+        "8": {"class_type": "EasyAnimateReward_RewardScoreFrames", "inputs": {"reward": ["7", 0], "frames": ["6", 0], "prompt": "a cat",
                                                             "batch_size": 8}},
         "9": {"class_type": "PreviewAny", "inputs": {"source": ["8", 0]}},
     }
@@ -57,9 +57,9 @@ def test_camera_motion_with_a_reward_lora_and_a_reward_on_the_host(server):
 
 def test_base_resolution_picks_the_bucket_on_the_host(server):
     graph = {
-        "1": {"class_type": "EasyAnimateModelLoader", "inputs": {"model": TINY_NAMES["v5.1"], **LOADER}},
+        "1": {"class_type": "EasyAnimateReward_ModelLoader", "inputs": {"model": TINY_NAMES["v5.1"], **LOADER}},
         "2": {"class_type": "LoadImage", "inputs": {"image": workflows.TINY_START_IMAGE}},  # 64x64: ratio 1
-        "3": {"class_type": "EasyAnimateSampler", "inputs": {"model": ["1", 0], **SAMPLER, "frames": 1, "steps": 1,
+        "3": {"class_type": "EasyAnimateReward_Sampler", "inputs": {"model": ["1", 0], **SAMPLER, "frames": 1, "steps": 1,
                                                              "start_image": ["2", 0], "base_resolution": "512"}},
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "bucket"}},
     }
@@ -72,9 +72,9 @@ def test_base_resolution_picks_the_bucket_on_the_host(server):
 
 def test_an_image_on_a_text_to_video_model_is_refused_on_the_host(server):
     graph = {
-        "1": {"class_type": "EasyAnimateModelLoader", "inputs": {"model": TINY_VARIANT_NAMES["v5-t2v"], **LOADER}},
+        "1": {"class_type": "EasyAnimateReward_ModelLoader", "inputs": {"model": TINY_VARIANT_NAMES["v5-t2v"], **LOADER}},
         "2": {"class_type": "LoadImage", "inputs": {"image": workflows.TINY_START_IMAGE}},
-        "3": {"class_type": "EasyAnimateSampler", "inputs": {"model": ["1", 0], **SAMPLER, "start_image": ["2", 0]}},
+        "3": {"class_type": "EasyAnimateReward_Sampler", "inputs": {"model": ["1", 0], **SAMPLER, "start_image": ["2", 0]}},
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
     }
     error = history_error(server.run(graph, timeout=600))

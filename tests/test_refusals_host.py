@@ -16,14 +16,14 @@ SWEEP_LORA = "tiny-v5-sweep-refusals.safetensors"
 
 
 def _sweep(strengths, cfg=6.0):
-    return {"class_type": "EasyAnimateStrengthSweep",
+    return {"class_type": "EasyAnimateReward_StrengthSweep",
             "inputs": {"model": ["1", 0], "lora_name": SWEEP_LORA, "reward": ["2", 0], "prompt": "a cat",
                        "negative_prompt": "", "strengths": strengths, "width": 32, "height": 32, "frames": 5,
                        "steps": 2, "cfg": cfg, "seed": 1, "scheduler": "auto", "mode": "fused", "batch_size": 4}}
 
 
 def _reward_loader():
-    return {"class_type": "RewardModelLoader", "inputs": {"kind": "saturation", "device": "cpu", "dtype": "float32"}}
+    return {"class_type": "EasyAnimateReward_RewardModelLoader", "inputs": {"kind": "saturation", "device": "cpu", "dtype": "float32"}}
 
 
 def _run_error(server, graph):
@@ -72,7 +72,7 @@ def test_rank_0_and_nan_loras_are_refused_by_the_apply_node(comfy_server, tmp_pa
     for name, (lora, alpha, message) in cases.items():
         write_official(loras / name, lora, alpha=alpha)
     for name, (_, _, message) in cases.items():
-        apply = {"class_type": "EasyAnimateLoraApply",
+        apply = {"class_type": "EasyAnimateReward_LoraApply",
                  "inputs": {"model": ["1", 0], "lora_name": name, "strength": 0.7, "mode": "fused"}}
         err, _ = _run_error(comfy_server, {"1": _loader(V5), "2": apply, "4": _sampler(["2", 0]),
                                            "7": _save(["4", 0], "bad")})
@@ -81,11 +81,11 @@ def test_rank_0_and_nan_loras_are_refused_by_the_apply_node(comfy_server, tmp_pa
 
 def test_reward_weight_nan_is_refused_by_combine(comfy_server):
     graph = {"1": _reward_loader(),
-             "2": {"class_type": "RewardCombine",
+             "2": {"class_type": "EasyAnimateReward_RewardCombine",
                    "inputs": {"reward_1": ["1", 0], "weight_1": 1.0, "reward_2": ["1", 0], "weight_2": math.nan,
                               "weight_3": 1.0, "weight_4": 1.0}},
              "3": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 2, "color": 0}},
-             "4": {"class_type": "RewardScoreFrames",
+             "4": {"class_type": "EasyAnimateReward_RewardScoreFrames",
                    "inputs": {"reward": ["2", 0], "frames": ["3", 0], "prompt": "", "batch_size": 2}},
              "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}}}
     err, _ = _run_error(comfy_server, graph)

@@ -53,7 +53,7 @@ def preview_images(frames: list[bytes]) -> list[Image.Image]:
 
 
 def test_object_info_lists_the_new_sampler_inputs(comfy_server):
-    sampler = comfy_server.object_info()["EasyAnimateSampler"]["input"]
+    sampler = comfy_server.object_info()["EasyAnimateReward_Sampler"]["input"]
     schedulers = sampler["required"]["scheduler"]
     options = schedulers[0] if isinstance(schedulers[0], list) else schedulers[1]["options"]
     assert {"Flow", "Flow UniPC", "Flow DPM++", "PNDM"} <= set(options)

@@ -29,16 +29,16 @@ def trainer_inputs(lora_name: str, **overrides) -> dict:
 
 
 def sampler(model_ref, seed=11) -> dict:
-    return {"class_type": "EasyAnimateSampler",
+    return {"class_type": "EasyAnimateReward_Sampler",
             "inputs": {"model": model_ref, "prompt": PROMPT, "negative_prompt": "", "width": 32, "height": 32,
                        "frames": 5, "steps": 3, "cfg": 4.0, "seed": seed, "scheduler": "auto", "videos": 1}}
 
 
 def loaders() -> dict:
     return {
-        "1": {"class_type": "EasyAnimateModelLoader",
+        "1": {"class_type": "EasyAnimateReward_ModelLoader",
               "inputs": {"model": MODEL, "precision": "fp32", "gpu_memory_mode": "none"}},
-        "2": {"class_type": "RewardModelLoader",
+        "2": {"class_type": "EasyAnimateReward_RewardModelLoader",
               "inputs": {"kind": "saturation", "device": "cpu", "dtype": "float32"}},
     }
 
@@ -54,7 +54,7 @@ def test_train_save_reload_and_apply_by_name(comfy_server):
     from easyanimate_reward.easyanimate.lora_format import load_lora_file
 
     graph = loaders()
-    graph["3"] = {"class_type": "RewardLoRATrainer", "inputs": trainer_inputs("host test/reward lora")}
+    graph["3"] = {"class_type": "EasyAnimateReward_RewardLoRATrainer", "inputs": trainer_inputs("host test/reward lora")}
     graph["4"] = sampler(["3", 0])
     graph["5"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "trained"}}
     graph["6"] = sampler(["1", 0])
@@ -71,7 +71,7 @@ def test_train_save_reload_and_apply_by_name(comfy_server):
     # The training state for an exact resume lives in the run folder, and the best held-out LoRA
     # named in the summary beside the LoRA.
     assert sidecar["state_file"] == "training_state.safetensors" and (run_folder / sidecar["state_file"]).is_file()
-    picker = comfy_server.object_info()["EasyAnimateLoraApply"]["input"]["required"]["lora_name"]
+    picker = comfy_server.object_info()["EasyAnimateReward_LoraApply"]["input"]["required"]["lora_name"]
     options = picker[0] if isinstance(picker[0], list) else picker[1]["options"]
     assert name in options and not any("training_state" in o for o in options)
     best_file = lora_file.with_name("reward lora.best.safetensors")
@@ -92,7 +92,7 @@ def test_train_save_reload_and_apply_by_name(comfy_server):
 
     # Picking the file by name in the apply node gives the same video as the trainer's output model.
     again = loaders()
-    again["3"] = {"class_type": "EasyAnimateLoraApply",
+    again["3"] = {"class_type": "EasyAnimateReward_LoraApply",
                   "inputs": {"model": ["1", 0], "lora_name": name, "strength": 1.0, "mode": "fused"}}
     again["4"] = sampler(["3", 0])
     again["5"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "applied"}}
@@ -108,7 +108,7 @@ def test_cancel_keeps_the_last_checkpoint(comfy_server):
     from easyanimate_reward.training.checkpoint import load_checkpoint
 
     graph = loaders()
-    graph["3"] = {"class_type": "RewardLoRATrainer",
+    graph["3"] = {"class_type": "EasyAnimateReward_RewardLoRATrainer",
                   "inputs": trainer_inputs("cancelled", train_steps=500, save_every=1, eval_every=0, cfg=1.0,
                                            sampling_steps=2)}
     graph["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}}
@@ -134,7 +134,7 @@ def test_cancel_keeps_the_last_checkpoint(comfy_server):
 
 def test_lora_name_cannot_escape_the_loras_folder(comfy_server):
     graph = loaders()
-    graph["3"] = {"class_type": "RewardLoRATrainer", "inputs": trainer_inputs("../../escaped", train_steps=1)}
+    graph["3"] = {"class_type": "EasyAnimateReward_RewardLoRATrainer", "inputs": trainer_inputs("../../escaped", train_steps=1)}
     entry = comfy_server.run(graph)
     err = history_error(entry)
     assert err is not None and "must be a relative path inside" in err and "models/loras" in err, err

@@ -28,21 +28,21 @@ def lora_file(comfy_server):
 
 
 def loader(memory_mode="none"):
-    return {"class_type": "EasyAnimateModelLoader",
+    return {"class_type": "EasyAnimateReward_ModelLoader",
             "inputs": {"model": MODEL, "precision": "fp32", "gpu_memory_mode": memory_mode}}
 
 
 def reward():
-    return {"class_type": "RewardModelLoader", "inputs": {"kind": "saturation", "device": "cpu", "dtype": "float32"}}
+    return {"class_type": "EasyAnimateReward_RewardModelLoader", "inputs": {"kind": "saturation", "device": "cpu", "dtype": "float32"}}
 
 
 def apply(strength, mode, model=("1", 0)):
-    return {"class_type": "EasyAnimateLoraApply",
+    return {"class_type": "EasyAnimateReward_LoraApply",
             "inputs": {"model": list(model), "lora_name": LORA, "strength": strength, "mode": mode}}
 
 
 def sampler(model_ref, seed=11):
-    return {"class_type": "EasyAnimateSampler",
+    return {"class_type": "EasyAnimateReward_Sampler",
             "inputs": {"model": list(model_ref), "prompt": PROMPT, "negative_prompt": "", "width": 32, "height": 32,
                        "frames": 5, "steps": 2, "cfg": 1.0, "seed": seed, "scheduler": "auto", "videos": 1}}
 
@@ -52,14 +52,14 @@ def small_trainer(lora_name, **overrides):
                             backprop="last", gradient_checkpointing=False)
     inputs.update(model=["2", 0], reward=["9", 0])
     inputs.update(overrides)
-    return {"class_type": "RewardLoRATrainer", "inputs": inputs}
+    return {"class_type": "EasyAnimateReward_RewardLoRATrainer", "inputs": inputs}
 
 
 def final_node(kind, mode):
     if kind == "sampler":
         return {"3": sampler(("2", 0)), "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
     if kind == "sweep":
-        return {"9": reward(), "3": {"class_type": "EasyAnimateStrengthSweep", "inputs": {
+        return {"9": reward(), "3": {"class_type": "EasyAnimateReward_StrengthSweep", "inputs": {
             "model": ["2", 0], "lora_name": LORA, "reward": ["9", 0], "prompt": PROMPT, "negative_prompt": "",
             "strengths": "0.3, 0.6", "width": 32, "height": 32, "frames": 5, "steps": 2, "cfg": 1.0, "seed": 1,
             "scheduler": "auto", "mode": mode, "batch_size": 4}},
@@ -190,7 +190,7 @@ def test_save_merged_leaves_a_users_partial_folder_alone(comfy_server):
     users.mkdir(exist_ok=True)
     (users / "notes.txt").write_text("mine")
     graph = {"1": loader(), "2": apply(0.7, "fused"),
-             "3": {"class_type": "EasyAnimateSaveMerged", "inputs": {"model": ["2", 0], "name": "merged-by-h1"}}}
+             "3": {"class_type": "EasyAnimateReward_SaveMerged", "inputs": {"model": ["2", 0], "name": "merged-by-h1"}}}
     entry = comfy_server.run(graph)
     assert history_error(entry) is None, history_error(entry)
     assert (root / "merged-by-h1" / "transformer").is_dir()

@@ -22,7 +22,7 @@ TINY_FRAMES = workflows.TINY_SAMPLER["frames"]
 TINY_SIZE = workflows.TINY_SAMPLER["width"]
 TINY_LORAS = workflows.TINY_LORAS
 # Each test run writes its own trained LoRA (the session's base folder is fresh anyway).
-TINY_OVERRIDES = {"RewardLoRATrainer": {"lora_name": "tiny_trained_reward_lora"}}
+TINY_OVERRIDES = {"EasyAnimateReward_RewardLoRATrainer": {"lora_name": "tiny_trained_reward_lora"}}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_ui_files_are_generated_from_the_api_files(object_info):
 
 def test_ui_to_api_catches_a_changed_widget_value(object_info):
     ui = workflows.load_ui("text_to_video")
-    sampler = next(n for n in ui["nodes"] if n["type"] == "EasyAnimateSampler")
+    sampler = next(n for n in ui["nodes"] if n["type"] == "EasyAnimateReward_Sampler")
     # prompt, negative, width, height, frames, steps, cfg, seed, "fixed" (seed control), scheduler, videos
     assert sampler["widgets_values"][7:10] == [43, "fixed", "auto"]
     sampler["widgets_values"][2] = 512

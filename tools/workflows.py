@@ -450,7 +450,7 @@ def tinyfy(
     for node in out.values():
         inputs = node["inputs"]
         kind = node["class_type"]
-        if kind == "EasyAnimateModelLoader":
+        if kind == "EasyAnimateReward_ModelLoader":
             inputs["model"] = model_names[_tiny_key(str(inputs["model"]))]
             inputs.update(TINY_LOADER)
         if "base_resolution" in inputs and not _is_link(inputs["base_resolution"]):
@@ -461,7 +461,7 @@ def tinyfy(
                     inputs[key] = value
             if "frames_per_video" in inputs and not _is_link(inputs["frames_per_video"]):
                 inputs["frames_per_video"] = TINY_SAMPLER["frames"]
-        if kind == "RewardLoRATrainer":
+        if kind == "EasyAnimateReward_RewardLoRATrainer":
             inputs.update(TINY_TRAINER)
         for key, value in list(inputs.items()):
             if isinstance(value, str) and value in files:
@@ -530,7 +530,7 @@ def install_tiny_assets(base: str | os.PathLike, graph: Mapping[str, Any] | None
     for seed, name in enumerate(TINY_VIDEOS):
         if not (base / "input" / name).is_file():
             _write_tiny_video(base / "input" / name, seed)
-    uses_rewards = graph is None or any(n["class_type"] == "RewardModelLoader" for n in graph.values())
+    uses_rewards = graph is None or any(n["class_type"] == "EasyAnimateReward_RewardModelLoader" for n in graph.values())
     rewards = base / "models" / "reward_models"
     if uses_rewards and not (rewards / "HPS_v2.1_compressed.pt").is_file():
         from ..reward.registry import write_tiny_reward_models
