@@ -204,26 +204,10 @@ def _blend_weight(h: int, w: int, ramp: int, i: int, rows: int, j: int, cols: in
     return wy[:, None] * wx[None, :]
 
 
-def _decode_frames(vae, z: torch.Tensor) -> torch.Tensor:
-    """What diffusers' untiled `_decode` computes, chunk by chunk, Cancel checked before each."""
-    z = vae.post_quant_conv(z)
-    step = vae.num_latent_frames_batch_size
-    starts = [0, *range(1, z.shape[2], step)]
-    out = []
-    vae._clear_conv_cache()
-    try:
-        for k, start in enumerate(starts):
-            check_cancel()
-            stop = 1 if k == 0 else start + step
-            out.append(vae.decoder(z[:, :, start:stop]))
-    finally:
-        vae._clear_conv_cache()
-    return torch.cat(out, dim=2)
-
-
-def _encode_moments(vae, x: torch.Tensor) -> torch.Tensor:
-    """What diffusers' untiled `_encode` computes (moments, before the Gaussian), chunk by chunk."""
-    step = vae.num_sample_frames_batch_size
+def _causal_chunks(vae, module, x: torch.Tensor, step: int) -> torch.Tensor:
+    """`module` over frame 0 alone, then `step` frames at a time, as diffusers' untiled Magvit
+    paths do. Cancel is checked before each chunk; the causal cache is cleared before the first
+    chunk and again however the loop ends, so the next call starts clean."""
     starts = [0, *range(1, x.shape[2], step)]
     out = []
     vae._clear_conv_cache()
@@ -231,10 +215,20 @@ def _encode_moments(vae, x: torch.Tensor) -> torch.Tensor:
         for k, start in enumerate(starts):
             check_cancel()
             stop = 1 if k == 0 else start + step
-            out.append(vae.encoder(x[:, :, start:stop]))
+            out.append(module(x[:, :, start:stop]))
     finally:
         vae._clear_conv_cache()
-    return vae.quant_conv(torch.cat(out, dim=2))
+    return torch.cat(out, dim=2)
+
+
+def _decode_frames(vae, z: torch.Tensor) -> torch.Tensor:
+    """What diffusers' untiled `_decode` computes, chunk by chunk."""
+    return _causal_chunks(vae, vae.decoder, vae.post_quant_conv(z), vae.num_latent_frames_batch_size)
+
+
+def _encode_moments(vae, x: torch.Tensor) -> torch.Tensor:
+    """What diffusers' untiled `_encode` computes (moments, before the Gaussian), chunk by chunk."""
+    return vae.quant_conv(_causal_chunks(vae, vae.encoder, x, vae.num_sample_frames_batch_size))
 
 
 def _run_tiled(run, inp: torch.Tensor, plan: VaePlan, scale_in: int, scale_out: int) -> torch.Tensor:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from easyanimate_reward.easyanimate.cancel import cancel_check
-from easyanimate_reward.easyanimate.memory import ModulePlacement
 from easyanimate_reward.easyanimate.sampling import decode_latents
 from easyanimate_reward.easyanimate.tiny import build_tiny_vae
+from vae_helpers import CallSpy, Interrupted, make_pipe, seeded_latents
 from easyanimate_reward.easyanimate.vae import (
     UNTILED,
     VaePlan,
@@ -21,44 +21,14 @@ from easyanimate_reward.easyanimate.vae import (
 )
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.fixture(scope="module")
 def vae():
     return build_tiny_vae(seed=1).eval()
 
 
-def _pipe(vae, **options):
-    transformer = SimpleNamespace(config=SimpleNamespace(add_noise_in_inpaint_model=False))
-    return SimpleNamespace(vae=vae, transformer=transformer, dtype=torch.float32, options=options,
-                           placement=ModulePlacement("none", "cpu"), compute_device=torch.device("cpu"))
-
-
-class CallSpy:
-    """Counts forwards of a submodule; optionally raises from inside the forward number `fail_at`."""
-
-    def __init__(self, module, fail_at=None):
-        self.calls, self.fail_at = 0, fail_at
-        self.handle = module.register_forward_pre_hook(self)
-
-    def __call__(self, module, args):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise Interrupted("raised inside the VAE")
-
-    def remove(self):
-        self.handle.remove()
-
-
-def _latents(frames=5, h=6, w=6, batch=1, seed=0):
-    return torch.randn((batch, 16, frames, h, w), generator=torch.Generator().manual_seed(seed))
-
-
 def test_cancel_is_checked_between_tiles(vae):
     plan = VaePlan(tile=4, overlap=2)
-    latents = _latents(frames=1, h=8, w=8)  # one latent frame: one decoder call per tile
+    latents = seeded_latents(frames=1, h=8, w=8)  # one latent frame: one decoder call per tile
     assert tile_count(8, 8, plan) == 9
     spy = CallSpy(vae.decoder)
 
@@ -76,7 +46,7 @@ def test_cancel_is_checked_between_tiles(vae):
 
 @torch.no_grad()
 def test_untiled_paths_compute_what_diffusers_computes(vae):
-    latents = _latents(frames=3, h=6, w=8, batch=2)
+    latents = seeded_latents(frames=3, h=6, w=8, batch=2)
     assert torch.equal(vae_decode(vae, latents, UNTILED), vae.decode(latents, return_dict=False)[0])
     video = torch.rand(2, 3, 9, 48, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     assert torch.equal(vae_encode_mode(vae, video, UNTILED), vae.encode(video)[0].mode())
@@ -92,7 +62,7 @@ def test_tiled_decode_and_encode_match_untiled_within_the_measured_tolerance(vae
     tile 12 / overlap 6: decode mean |err| 0.051 against an output std of 0.33 (correlation
     0.973); encode of 96x96 px, tile 8 / overlap 4: mean |err| 0.039 against a mean |latent| of
     0.17 (correlation 0.967)."""
-    latents = _latents(frames=1, h=16, w=16, seed=5)
+    latents = seeded_latents(frames=1, h=16, w=16, seed=5)
     whole = vae.decode(latents, return_dict=False)[0]
     plan = VaePlan(tile=12, overlap=6)
     spy = CallSpy(vae.decoder)
@@ -137,11 +107,11 @@ def test_plans_follow_the_memory_budget(vae):
 
 
 def test_decode_latents_tiles_when_the_budget_needs_it(vae):
-    latents = _latents(frames=1, h=16, w=16) * vae.config.scaling_factor
+    latents = seeded_latents(frames=1, h=16, w=16) * vae.config.scaling_factor
     budget = vae_peak_bytes(vae, 1, 128, 128, 1, torch.float32) // 2
     spy = CallSpy(vae.decoder)
     try:
-        decode_latents(_pipe(vae, vae_budget_bytes=budget), latents)
+        decode_latents(make_pipe(vae, vae_budget_bytes=budget), latents)
     finally:
         spy.remove()
     plan = plan_vae(vae, 1, 128, 128, 1, torch.float32, budget)

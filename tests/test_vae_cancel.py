@@ -2,19 +2,14 @@
 after an interrupted one equals a clean decode (the Magvit causal cache is reset in `finally`).
 Plain sampling entry points only (decode_latents, inpaint_condition), so these run on any tree."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from easyanimate_reward.easyanimate.cancel import cancel_check
-from easyanimate_reward.easyanimate.memory import ModulePlacement
 from easyanimate_reward.easyanimate.sampling import decode_latents, inpaint_condition, latent_shape
 from easyanimate_reward.easyanimate.tiny import build_tiny_vae
-
-
-class Interrupted(Exception):
-    pass
+from vae_helpers import CallSpy, Interrupted, make_pipe, seeded_latents
 
 
 @pytest.fixture(scope="module")
@@ -22,34 +17,8 @@ def vae():
     return build_tiny_vae(seed=1).eval()
 
 
-def _pipe(vae, **options):
-    transformer = SimpleNamespace(config=SimpleNamespace(add_noise_in_inpaint_model=False, in_channels=33))
-    return SimpleNamespace(vae=vae, transformer=transformer, dtype=torch.float32, options=options,
-                           placement=ModulePlacement("none", "cpu"), compute_device=torch.device("cpu"))
-
-
-class CallSpy:
-    """Counts forwards of a submodule; optionally raises from inside the forward number `fail_at`."""
-
-    def __init__(self, module, fail_at=None):
-        self.calls, self.fail_at = 0, fail_at
-        self.handle = module.register_forward_pre_hook(self)
-
-    def __call__(self, module, args):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise Interrupted("raised inside the VAE")
-
-    def remove(self):
-        self.handle.remove()
-
-
-def _latents(frames=5, h=6, w=6, batch=1, seed=0):
-    return torch.randn((batch, 16, frames, h, w), generator=torch.Generator().manual_seed(seed))
-
-
 def test_cancel_during_decode_stops_before_the_next_latent_chunk(vae):
-    latents = _latents(frames=5)  # 5 latent frames = 5 decoder chunks
+    latents = seeded_latents(frames=5)  # 5 latent frames = 5 decoder chunks
     spy = CallSpy(vae.decoder)
 
     def interrupt_after_two_chunks():
@@ -58,27 +27,27 @@ def test_cancel_during_decode_stops_before_the_next_latent_chunk(vae):
 
     try:
         with cancel_check(interrupt_after_two_chunks), pytest.raises(Interrupted, match="cancel pressed"):
-            decode_latents(_pipe(vae, vae_budget_bytes=None), latents * vae.config.scaling_factor)
+            decode_latents(make_pipe(vae, vae_budget_bytes=None), latents * vae.config.scaling_factor)
     finally:
         spy.remove()
     assert spy.calls == 2
 
 
 def test_decode_after_an_interrupted_one_equals_a_clean_decode(vae):
-    pipe = _pipe(vae, vae_budget_bytes=None)
-    latents = _latents(frames=4, seed=3) * vae.config.scaling_factor
+    pipe = make_pipe(vae, vae_budget_bytes=None)
+    latents = seeded_latents(frames=4, seed=3) * vae.config.scaling_factor
     clean = decode_latents(pipe, latents)
     spy = CallSpy(vae.decoder, fail_at=3)  # dies inside the third chunk, causal cache filled
     try:
         with pytest.raises(Interrupted):
-            decode_latents(pipe, _latents(frames=4, seed=4) * vae.config.scaling_factor)
+            decode_latents(pipe, seeded_latents(frames=4, seed=4) * vae.config.scaling_factor)
     finally:
         spy.remove()
     assert torch.equal(decode_latents(pipe, latents), clean)
 
 
 def test_cancel_during_encode_stops_before_the_next_frame_chunk(vae):
-    pipe = _pipe(vae, vae_budget_bytes=None)
+    pipe = make_pipe(vae, vae_budget_bytes=None)
     shape = latent_shape(1, 48, 48, 13)  # the encoder runs 1 + 4 + 4 + 4 frames: 4 chunks
     image = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     clean = inpaint_condition(pipe, shape, 13, image, [0])
