@@ -441,10 +441,11 @@ def resident(mode: str, phase: str, w: Weights, qfloat8: bool = False) -> tuple[
     if mode == "sequential_cpu_offload":
         key = {"text": "text", "denoise": "transformer", "decode": "vae", "encode": "vae"}[phase]
         return w.leaf[key], total - w.leaf[key], "one leaf module's weights at a time"
-    if "block" in mode and "swap" in mode:
+    if mode.startswith("block_swap"):
         if phase == "denoise":
-            on_gpu = block_swap_resident(w)
-            return on_gpu, total - on_gpu, "non-block weights + 2 blocks in flight (0 kept resident)"
+            kept = int(mode.rsplit("_", 1)[1]) if mode.rsplit("_", 1)[1].isdigit() else 0  # block_swap_N
+            on_gpu = block_swap_resident(w, kept)
+            return on_gpu, total - on_gpu, f"non-block weights + {kept} resident blocks + 2 in flight"
         return component, total - component, "the phase's module moved in whole"
     raise KeyError(mode)
 
