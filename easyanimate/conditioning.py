@@ -229,7 +229,9 @@ def vae_encode(pipe, video: torch.Tensor) -> torch.Tensor:
     return latents.to(pipe.dtype)
 
 
-def _generator(seed: int, offset: int) -> torch.Generator:
+def seeded_generator(seed: int, offset: int = 0) -> torch.Generator:
+    """A CPU generator for `seed` (+ offset for the other random draws of the same video); wraps
+    around at 2**64 like ComfyUI's seed widget, so its largest seeds work too."""
     return torch.Generator("cpu").manual_seed((int(seed) + offset) % 2**64)
 
 
@@ -249,7 +251,7 @@ def inpaint_latents(pipe, shape, frames: int, start_images: torch.Tensor | None,
         video[:, :, index] = _frames_to_video(_image(image), 1, height, width, device)[:, :, 0].expand(batch, -1, -1, -1)
         keep[:, :, index] = 1.0
     if getattr(pipe.transformer.config, "add_noise_in_inpaint_model", False):
-        noise = torch.stack([torch.randn(video.shape[1:], generator=_generator(s, 1)) for s in seeds]).to(device)
+        noise = torch.stack([torch.randn(video.shape[1:], generator=seeded_generator(s, 1)) for s in seeds]).to(device)
         video = torch.where(video == -1, video, video + INPAINT_NOISE_RATIO * noise)
     masked = vae_encode(pipe, video)
     mask = resize_first_frame_apart(keep, masked.shape[2:]) * pipe.vae.config.scaling_factor

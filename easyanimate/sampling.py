@@ -17,6 +17,7 @@ from . import conditioning
 from .buckets import resolve_size
 from .cancel import check_cancel
 from .conditioning import INPAINT_NOISE_RATIO, LATENT_CHANNELS, rescale_guidance, transformer_kwargs  # noqa: F401
+from .conditioning import seeded_generator
 from .model import EasyAnimateModel, EasyAnimatePipe
 from .preflight import check_sampling
 from .schedulers import FLOW_SCHEDULERS, NOISE_SCHEDULERS, SCHEDULER_CHOICES  # noqa: F401 (re-exported)
@@ -81,12 +82,6 @@ def check_guidance(guidance_scale: float) -> None:
 
 def latent_shape(batch: int, width: int, height: int, frames: int) -> tuple[int, ...]:
     return (batch, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
-
-
-def seeded_generator(seed: int, offset: int = 0) -> torch.Generator:
-    """A CPU generator for `seed` (+ offset for the other random draws of the same video); wraps
-    around at 2**64 like ComfyUI's seed widget, so its largest seeds work too."""
-    return torch.Generator("cpu").manual_seed((int(seed) + offset) % 2**64)
 
 
 def initial_noise(shape, seeds: list[int], device, dtype) -> torch.Tensor:

@@ -20,6 +20,7 @@ from easyanimate_reward.training import memory_options, trainer as trainer_modul
 from easyanimate_reward.training.config import TrainConfig
 from easyanimate_reward.training.rollout import PromptBank
 from easyanimate_reward.training.trainer import RewardLoRATrainer
+from test_training import tiny_config as training_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a cat playing piano in a sunny room"
@@ -31,11 +32,8 @@ def pipes(tiny_models):
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    base = dict(width=32, height=32, frames=5, sampling_steps=3, guidance_scale=4.0, rank=4, alpha=4.0,
-                learning_rate=1e-2, weight_decay=0.0, max_grad_norm=1.0, save_every=0, seed=0, backprop="tail",
-                backprop_k=2, gradient_checkpointing=False, train_steps=1)
-    base.update(overrides)
-    return TrainConfig(**base)
+    """test_training's tiny run, one training step."""
+    return training_tiny_config(**{"train_steps": 1, **overrides})
 
 
 # ---- the simulated table ----------------------------------------------------------------------------
