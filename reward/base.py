@@ -47,6 +47,14 @@ def check_frames(frames: torch.Tensor, name: str = "reward") -> None:
         raise RewardInputError(f"{name}: frames must lie in [0, 1]; got values from {low:g} to {high:g}{hint}")
 
 
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter or buffer; None when it holds no tensors
+    (a weight-free reward then follows its input)."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return None
+
+
 class Reward(nn.Module):
     """frames (B, 3, H, W) in [0, 1] + B prompts -> scores (B,) float32 on the frames' device.
 

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..easyanimate.cancel import check_cancel
-from .base import Reward
+from .base import Reward, module_device
 
 Progress = Callable[[int, int], None]
 
@@ -22,12 +22,6 @@ def needs_whole_video(reward: Reward) -> bool:
     """True when some part of the reward compares frames with each other (temporal consistency):
     then a video must be scored in one call, never split into batches."""
     return any(getattr(module, "whole_video", False) for module in reward.modules())
-
-
-def reward_device(reward: Reward) -> torch.device:
-    for tensor in list(reward.parameters()) + list(reward.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _chunks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
@@ -63,7 +57,7 @@ def score_images(
         spans = [(v * length, (v + 1) * length) for v in range(total // length)]
     else:
         spans = [span for v in range(total // length) for span in _chunks(v * length, (v + 1) * length, max(1, batch_size))]
-    device = reward_device(reward)
+    device = module_device(reward) or torch.device("cpu")
     scores = torch.empty(total, dtype=torch.float32)
     for start, stop in spans:
         check_cancel()  # between batches: Cancel stops scoring before the next batch
