@@ -23,11 +23,10 @@ from .memory import ModulePlacement
 from .original_format import (is_original_transformer_config, is_original_vae_config, translate_transformer_config,
                               translate_vae_config)
 from .model import EasyAnimatePipe
-from .precision import apply_fp16_policy
+from .precision import PRECISIONS, apply_fp16_policy
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 V5, V51 = "v5", "v5.1"
 
 

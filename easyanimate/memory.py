@@ -44,6 +44,9 @@ from torch import nn
 BLOCK_SWAP_RESIDENT = (8, 16, 24, 32)
 MEMORY_MODES = ("none", "model_cpu_offload", "model_cpu_offload_and_qfloat8", "sequential_cpu_offload") + tuple(
     f"block_swap_{n}" for n in BLOCK_SWAP_RESIDENT)
+# What reward training runs under: every mode but sequential offload, whose per-leaf hooks move
+# weights inside autograd (training/rollout.py hold_on_device refuses it).
+TRAINING_MEMORY_MODES = tuple(m for m in MEMORY_MODES if m != "sequential_cpu_offload")
 DEFAULT_RESIDENT_BLOCKS = 8  # plain "block_swap" (Python API) without resident_blocks
 
 

@@ -20,6 +20,18 @@ from torch.overrides import TorchFunctionMode
 
 VAE_UPCAST_PARTS = ("encoder", "quant_conv", "decoder", "post_quant_conv")
 
+# The dtype names of the whole pack, defined once. PRECISIONS: what a model loads in (the node's
+# and the CLI's choices). SAVE_DTYPES: what a LoRA file is written in. DTYPE_NAMES: every accepted
+# spelling (rewards take "float32" as well as "fp32"). REWARD_DTYPES: the reward loader's choices.
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+REWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": see reward.registry.resolve_dtype
+
 
 def needs_fp16_upcast(version: str, dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and version == "v5"

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from ..easyanimate.lora_format import load_lora_file, save_lora_file
 from ..easyanimate.lora_mix import mix_loras, rounding_error
+from ..easyanimate.precision import SAVE_DTYPES
 from .common import LORA_FOLDER, lora_file_names, output_subpath
 from .types import EasyAnimateModelType
 
@@ -18,7 +19,6 @@ log = logging.getLogger(__name__)
 
 SLOTS = 4
 NONE = "[none]"
-SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class EasyAnimateLoraMix(io.ComfyNode):

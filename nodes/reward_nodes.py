@@ -12,6 +12,7 @@ import torch
 from comfy_api.latest import io
 
 from ..reward.combine import NORMALIZATIONS, normalized_combination
+from ..easyanimate.precision import REWARD_DTYPES
 from ..reward.plot import plot_series
 from ..reward.ranges import range_for
 from ..reward.registry import (REWARD_KINDS, SCORINGS, check_files, expected_files, missing_files, needs_files,
@@ -22,7 +23,7 @@ from .types import RewardModelType
 
 CATEGORY = "EasyAnimate/reward"
 DEVICES = ("auto", "cpu", "gpu")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = REWARD_DTYPES
 COMBINE_SLOTS = 4
 
 

@@ -37,8 +37,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..easyanimate.precision import DTYPE_NAMES
 from ..fileio import write_text_atomic
 from .base import Reward, WeightedReward
+from .combine import normalized_combination
 from .ranges import range_for
 
 OPTIONS_FILE = "reward_options.json"
@@ -395,13 +397,6 @@ def read_folder_options(folder: str | os.PathLike | None, kind: str) -> dict:
     return dict(options)
 
 
-DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
-
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str = "cpu") -> torch.dtype:
     """A dtype, a name ("bf16", "float32", ...), None (float32) or "auto": bfloat16 on a CUDA device
     that supports it (half the memory of CLIP-H), else float32 (CPUs are fastest and exact in it)."""
@@ -514,14 +509,28 @@ def parse_combination_terms(text: str) -> list[tuple[str, float]]:
     return terms
 
 
-def parse_combination(text: str, rewards: Mapping[str, Reward]) -> WeightedReward:
-    """Build a WeightedReward from a formula over named, already loaded rewards."""
+def parse_combination(text: str, rewards: Mapping[str, Reward], normalization: str = "none") -> WeightedReward:
+    """Build a WeightedReward from a formula over named, already loaded rewards; each term
+    normalised first unless `normalization` is "none" (reward/combine.py)."""
     terms = []
-    for name, weight in parse_combination_terms(text):
+    for name, weight in [(text, 1.0)] if text in KINDS else parse_combination_terms(text):
         if name not in rewards:
             raise KeyError(f"reward combination {text!r} names {name!r}; available: {', '.join(rewards)}")
         terms.append((rewards[name], weight))
-    return WeightedReward(terms)
+    return normalized_combination(terms, normalization)
+
+
+def load_reward_expression(text: str, folder: str | os.PathLike | None, device: torch.device | str = "cpu",
+                           dtype: torch.dtype | str = torch.float32, normalization: str = "none",
+                           scoring: str = "pack") -> Reward:
+    """A reward kind ("hps_v2.1") or a weighted combination ("hps_v2.1 + 0.5*aesthetic_v2"), every
+    kind it names loaded once from `folder` under the `scoring` convention; frozen. A single kind
+    without normalisation is the kind's own reward, not a one-term combination."""
+    names = [text] if text in KINDS else list(dict.fromkeys(name for name, _ in parse_combination_terms(text)))
+    loaded = {name: load_reward(name, folder, device, dtype, **scoring_options(name, scoring)) for name in names}
+    if text in KINDS and normalization == "none":
+        return loaded[text]
+    return parse_combination(text, loaded, normalization).freeze()
 
 
 # ------------------------------------------------------------------------------ tiny folder

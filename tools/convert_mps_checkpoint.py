@@ -25,10 +25,11 @@ import warnings
 
 import torch
 
+from ..easyanimate.precision import PRECISIONS
 from ..fileio import save_safetensors_atomic
 from ..reward.state_dict import read_state_dict, unwrap_state_dict
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = PRECISIONS
 
 
 def _load_plain(src: str) -> dict:
