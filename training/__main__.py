@@ -98,17 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_reward_spec(spec: str, folder: str | None, device, dtype, normalization: str = "none",
                      scoring: str = "pack"):
-    from ..reward.combine import normalized_combination
-    from ..reward.registry import REWARD_KINDS, load_reward, parse_combination_terms, scoring_options
+    from ..reward.registry import load_reward_expression
 
-    def load(name):
-        return load_reward(name, folder, device, dtype, **scoring_options(name, scoring))
-
-    if spec in REWARD_KINDS and normalization == "none":
-        return load(spec)
-    terms = [(spec, 1.0)] if spec in REWARD_KINDS else parse_combination_terms(spec)
-    loaded = {name: load(name) for name in dict.fromkeys(n for n, _ in terms)}
-    return normalized_combination([(loaded[name], weight) for name, weight in terms], normalization).freeze()
+    return load_reward_expression(spec, folder, device, dtype, normalization, scoring)
 
 
 def main(argv: list[str] | None = None) -> int:
