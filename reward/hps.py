@@ -19,13 +19,12 @@ import torch
 
 from .clip_reward import ClipReward, encode_unique
 from .clip_text import ClipTokenizer, open_clip_tokenizer
+from .sources import HPS_FILES, HPS_SOURCE
 from .state_dict import read_state_dict
 
 log = logging.getLogger(__name__)
 
-HPS_CHECKPOINT_FILES = {"v2": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HPS_VERSION_ALIASES = {"v2": "v2", "v2.0": "v2", "2": "v2", "2.0": "v2", "v2.1": "v2.1", "2.1": "v2.1"}
-HPS_SOURCE_HINT = "download it from the Hugging Face repo xswu/HPSv2 (or EasyAnimate's re-host)"
 
 
 def _image_size(model: torch.nn.Module) -> int:
@@ -73,16 +72,17 @@ class HPSReward(ClipReward):
 
 def resolve_hps_checkpoint(path: str | os.PathLike, version: str) -> str:
     """A file, or a folder holding the version's official file name; clear error otherwise."""
-    filename = HPS_CHECKPOINT_FILES[version]
+    filename = HPS_FILES[version]
+    hint = f"get it from {HPS_SOURCE.format(name=filename)}"
     path = os.fspath(path)
     if os.path.isdir(path):
         candidate = os.path.join(path, filename)
         if not os.path.isfile(candidate):
-            raise FileNotFoundError(f"HPS {version} checkpoint not found: expected {candidate} ({HPS_SOURCE_HINT})")
+            raise FileNotFoundError(f"HPS {version} checkpoint not found: expected {candidate} ({hint})")
         return candidate
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"HPS {version} checkpoint not found: {path} (the file should be {filename}; {HPS_SOURCE_HINT})"
+            f"HPS {version} checkpoint not found: {path} (the file should be {filename}; {hint})"
         )
     return path
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from .clip_reward import ClipReward, encode_unique
 from .clip_text import ClipTokenizer, open_clip_tokenizer, tokenizer_for_folder
+from .sources import MPS_CHECKPOINT_FILE, MPS_CHECKPOINT_FILES, MPS_CONVERTED_FILE, MPS_SOURCE
 from .state_dict import read_state_dict
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,7 @@ MPS_OVERALL_CONDITION = (
     "light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, structure, "
     "instance, texture, quantity, attributes, position, number, location, word, things."
 )
-MPS_CHECKPOINT_FILE = "MPS_overall.pth"  # what EasyAnimate re-hosts
-MPS_CONVERTED_FILE = "MPS_overall.safetensors"  # what tools/convert_mps_checkpoint.py writes
-MPS_CHECKPOINT_FILES = (MPS_CONVERTED_FILE, MPS_CHECKPOINT_FILE)  # looked for in this order
-MPS_SOURCE_HINT = (
-    "EasyAnimate re-hosts it as a plain state dict (MPS_overall.pth); the original pickled checkpoint "
-    "from Kwai-Kolors/MPS must first be converted with tools/convert_mps_checkpoint.py"
-)
+MPS_HINT = f"get it from {MPS_SOURCE}; a pickled original converts with tools/convert_mps_checkpoint.py"
 CONDITION_KEEP_THRESHOLD = 0.01  # MPS keeps prompt tokens whose normalised similarity exceeds this
 
 # transformers CLIPConfig of LAION CLIP-ViT-H-14-laion2B-s32B-b79K (the MPS backbone), so the model
@@ -87,7 +82,6 @@ CLIP_VIT_H14_CONFIG = {
         "projection_dim": 1024,
     },
 }
-MPS_CROSS_MODEL_CONFIG = {"dim": 1024, "layers": 4, "heads": 16, "dim_head": 64, "ff_mult": 4}
 
 # Checkpoint keys that are not weights (buffers older code saved): tolerated whether present or not.
 CLIP_NON_WEIGHT_SUFFIXES = (".position_ids",)
@@ -410,10 +404,10 @@ def resolve_mps_checkpoint(path: str | os.PathLike) -> str:
                 return os.path.join(path, name)
         raise FileNotFoundError(
             f"MPS checkpoint not found: expected {os.path.join(path, MPS_CHECKPOINT_FILE)} "
-            f"(or {MPS_CONVERTED_FILE}; {MPS_SOURCE_HINT})"
+            f"(or {MPS_CONVERTED_FILE}; {MPS_HINT})"
         )
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"MPS checkpoint not found: {path} ({MPS_SOURCE_HINT})")
+        raise FileNotFoundError(f"MPS checkpoint not found: {path} ({MPS_HINT})")
     return path
 
 

@@ -21,11 +21,10 @@ import torch
 
 from .clip_reward import ClipReward, encode_unique
 from .clip_text import ClipTokenizer, tokenizer_for_folder
+from .sources import PICKSCORE_SOURCE, TRANSFORMERS_WEIGHT_FILES
 
 log = logging.getLogger(__name__)
 
-PICKSCORE_SOURCE_HINT = "the Hugging Face repo yuvalkirstain/PickScore_v1"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def clip_image_embeddings(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -78,9 +77,9 @@ def check_clip_folder(folder: str | os.PathLike, what: str, hint: str) -> str:
     config = os.path.join(folder, "config.json")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"{what}: missing {config} (the folder must hold a transformers CLIPModel from {hint})")
-    if not any(os.path.isfile(os.path.join(folder, f)) for f in WEIGHT_FILES):
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in TRANSFORMERS_WEIGHT_FILES):
         raise FileNotFoundError(
-            f"{what}: no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)} (from {hint})"
+            f"{what}: no weights in {folder}: expected one of {', '.join(TRANSFORMERS_WEIGHT_FILES)} (from {hint})"
         )
     return folder
 
@@ -104,7 +103,7 @@ def load_pickscore(
     use_logit_scale: bool = True,
 ) -> PickScoreReward:
     """PickScore v1 from a local folder (config.json + weights, tokenizer files optional)."""
-    folder = check_clip_folder(folder, "PickScore", PICKSCORE_SOURCE_HINT)
+    folder = check_clip_folder(folder, "PickScore", PICKSCORE_SOURCE)
     model = load_clip_model_folder(folder, device, dtype)
     tokenizer = tokenizer_for_folder(folder)
     log.info("loaded PickScore from %s (%s, %s), tokenizer: %s", folder, device, dtype, tokenizer.source)

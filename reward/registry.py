@@ -42,30 +42,13 @@ from ..fileio import write_text_atomic
 from .base import Reward, WeightedReward
 from .combine import normalized_combination
 from .ranges import range_for
+from .sources import (AESTHETIC_FOLDER, AESTHETIC_V2_5_BACKBONE, AESTHETIC_V2_5_BACKBONE_SOURCE, AESTHETIC_V2_5_HEAD,
+                      AESTHETIC_V2_5_HEAD_SOURCE, AESTHETIC_V2_BACKBONE, AESTHETIC_V2_BACKBONE_SOURCE, AESTHETIC_V2_HEAD,
+                      AESTHETIC_V2_HEAD_SOURCE, HPS_FILES, HPS_SOURCE, MPS_CHECKPOINT_FILE, MPS_CONVERTED_FILE, MPS_SOURCE,
+                      MPS_TOKENIZER_FOLDER, MPS_TOKENIZER_SOURCE, PICKSCORE_FOLDER, PICKSCORE_SOURCE, RAFT_FILES,
+                      RAFT_SOURCE, TRANSFORMERS_WEIGHT_FILES)
 
 OPTIONS_FILE = "reward_options.json"
-TRANSFORMERS_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
-HPS_SOURCE = "https://huggingface.co/xswu/HPSv2 (file {name})"
-PICKSCORE_SOURCE = "https://huggingface.co/yuvalkirstain/PickScore_v1 (config.json, model.safetensors; tokenizer files optional)"
-MPS_SOURCE = (
-    "the plain state dict EasyAnimate re-hosts for its reward training (MPS_overall.pth), or the original "
-    "MPS_overall_checkpoint.pth of https://github.com/Kwai-Kolors/MPS converted to a state dict"
-)
-MPS_TOKENIZER_SOURCE = "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K (tokenizer.json or vocab.json + merges.txt)"
-AESTHETIC_V2_HEAD_SOURCE = (
-    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
-)
-AESTHETIC_V2_BACKBONE_SOURCE = "https://huggingface.co/openai/clip-vit-large-patch14 (config.json + model.safetensors)"
-AESTHETIC_V2_5_HEAD_SOURCE = (
-    "https://github.com/discus0434/aesthetic-predictor-v2-5/raw/main/models/aesthetic_predictor_v2_5.pth"
-)
-AESTHETIC_V2_5_BACKBONE_SOURCE = "https://huggingface.co/google/siglip-so400m-patch14-384 (config.json + model.safetensors)"
 
 
 @dataclass(frozen=True)
@@ -134,13 +117,13 @@ def _resolve_in_folder(folder: Path, value: Any) -> Any:
     return value
 
 
-def _build_hps(version: str, filename: str):
+def _build_hps(version: str):
     def build(folder, device, dtype, options):
         from .hps import load_hps
 
         if "model_name" in options:
             options["model_name"] = _resolve_in_folder(folder, options["model_name"])
-        return load_hps(folder / filename, version=version, device=device, dtype=dtype, **options)
+        return load_hps(folder / HPS_FILES[version], version=version, device=device, dtype=dtype, **options)
 
     return build
 
@@ -148,7 +131,7 @@ def _build_hps(version: str, filename: str):
 def _build_pickscore(folder, device, dtype, options):
     from .pickscore import load_pickscore
 
-    return load_pickscore(folder / "PickScore_v1", device=device, dtype=dtype, **options)
+    return load_pickscore(folder / PICKSCORE_FOLDER, device=device, dtype=dtype, **options)
 
 
 def _build_mps(folder, device, dtype, options):
@@ -163,16 +146,15 @@ def _build_mps(folder, device, dtype, options):
 def _build_aesthetic_v2(folder, device, dtype, options):
     from .aesthetic import load_aesthetic_v2
 
-    base = folder / "aesthetic"
-    return load_aesthetic_v2(base / "clip-vit-large-patch14", base / "sac+logos+ava1-l14-linearMSE.pth", device, dtype,
-                             **options)
+    base = folder / AESTHETIC_FOLDER
+    return load_aesthetic_v2(base / AESTHETIC_V2_BACKBONE, base / AESTHETIC_V2_HEAD, device, dtype, **options)
 
 
 def _build_aesthetic_v2_5(folder, device, dtype, options):
     from .aesthetic import load_aesthetic_v2_5
 
-    base = folder / "aesthetic"
-    return load_aesthetic_v2_5(base / "siglip-so400m-patch14-384", base / "aesthetic_predictor_v2_5.pth", device, dtype)
+    base = folder / AESTHETIC_FOLDER
+    return load_aesthetic_v2_5(base / AESTHETIC_V2_5_BACKBONE, base / AESTHETIC_V2_5_HEAD, device, dtype)
 
 
 def _build_simple(kind: str):
@@ -187,11 +169,6 @@ def _build_simple(kind: str):
 
 VIDEO_OPTIONS = ("frames_per_video", "max_size", "window", "iterations")
 RAFT_OPTIONS = ("frames_per_video", "num_flow_updates")
-RAFT_FILES = {"raft_small": "raft_small_C_T_V2-01064c6d.pth", "raft_large": "raft_large_C_T_SKHT_V2-ff5fadd5.pth"}
-RAFT_SOURCE = ("torchvision's {variant} weights (torchvision.models.optical_flow, Raft_{size}_Weights.DEFAULT: "
-               "https://download.pytorch.org/models/{file})")
-
-
 def _raft_file(variant: str) -> ExpectedFile:
     return ExpectedFile(
         f"raft/{variant}.pth",
@@ -218,12 +195,13 @@ def _build_video(what: str, raft: str | None):
     return build
 
 
-def _hps_kind(name: str, version: str, filename: str) -> RewardKind:
+def _hps_kind(name: str, version: str) -> RewardKind:
+    filename = HPS_FILES[version]
     return RewardKind(
         name,
         f"HPS {version}: open_clip ViT-H-14 fine-tuned on human preferences; cosine(image, prompt), about 0.2-0.35",
         (ExpectedFile(filename, f"HPS {version} checkpoint (full open_clip ViT-H-14)", HPS_SOURCE.format(name=filename)),),
-        _build_hps(version, filename),
+        _build_hps(version),
         ("preprocess_mode", "model_name"),
     )
 
@@ -231,12 +209,12 @@ def _hps_kind(name: str, version: str, filename: str) -> RewardKind:
 KINDS: dict[str, RewardKind] = {
     kind.name: kind
     for kind in (
-        _hps_kind("hps_v2", "v2", "HPS_v2_compressed.pt"),
-        _hps_kind("hps_v2.1", "v2.1", "HPS_v2.1_compressed.pt"),
+        _hps_kind("hps_v2", "v2"),
+        _hps_kind("hps_v2.1", "v2.1"),
         RewardKind(
             "pickscore",
             "PickScore v1: CLIP-H fine-tuned on Pick-a-Pic; 100 * cosine(image, prompt), about 20",
-            (ExpectedFile("PickScore_v1", "PickScore v1 transformers CLIPModel folder", PICKSCORE_SOURCE, form="model_folder"),),
+            (ExpectedFile(PICKSCORE_FOLDER, "PickScore v1 transformers CLIPModel folder", PICKSCORE_SOURCE, form="model_folder"),),
             _build_pickscore,
             ("preprocess_mode", "use_logit_scale"),
         ),
@@ -245,13 +223,13 @@ KINDS: dict[str, RewardKind] = {
             "MPS overall: CLIP-H + condition-aware cross model (Kwai-Kolors); prompt-conditioned preference",
             (
                 ExpectedFile(
-                    "MPS_overall.pth",
+                    MPS_CHECKPOINT_FILE,
                     "MPS overall state dict (model.*, cross_model.*)",
                     MPS_SOURCE,
-                    preferred_alternatives=("MPS_overall.safetensors",),
+                    preferred_alternatives=(MPS_CONVERTED_FILE,),
                 ),
                 ExpectedFile(
-                    "CLIP-ViT-H-14-laion2B-s32B-b79K",
+                    MPS_TOKENIZER_FOLDER,
                     "CLIP-H tokenizer files (optional: the CLIP BPE bundled with open-clip-torch gives the same ids)",
                     MPS_TOKENIZER_SOURCE,
                     form="tokenizer_folder",
@@ -265,9 +243,9 @@ KINDS: dict[str, RewardKind] = {
             "aesthetic_v2",
             "LAION aesthetic predictor v2 (CLIP ViT-L/14 + linear head), about 1-10, prompt ignored",
             (
-                ExpectedFile("aesthetic/sac+logos+ava1-l14-linearMSE.pth", "aesthetic v2 head", AESTHETIC_V2_HEAD_SOURCE),
+                ExpectedFile(f"{AESTHETIC_FOLDER}/{AESTHETIC_V2_HEAD}", "aesthetic v2 head", AESTHETIC_V2_HEAD_SOURCE),
                 ExpectedFile(
-                    "aesthetic/clip-vit-large-patch14",
+                    f"{AESTHETIC_FOLDER}/{AESTHETIC_V2_BACKBONE}",
                     "CLIP ViT-L/14 transformers folder (vision tower is used)",
                     AESTHETIC_V2_BACKBONE_SOURCE,
                     form="model_folder",
@@ -280,9 +258,9 @@ KINDS: dict[str, RewardKind] = {
             "aesthetic_v2.5",
             "Aesthetic predictor v2.5 (SigLIP so400m-patch14-384 + linear head), about 1-10, prompt ignored",
             (
-                ExpectedFile("aesthetic/aesthetic_predictor_v2_5.pth", "aesthetic v2.5 head", AESTHETIC_V2_5_HEAD_SOURCE),
+                ExpectedFile(f"{AESTHETIC_FOLDER}/{AESTHETIC_V2_5_HEAD}", "aesthetic v2.5 head", AESTHETIC_V2_5_HEAD_SOURCE),
                 ExpectedFile(
-                    "aesthetic/siglip-so400m-patch14-384",
+                    f"{AESTHETIC_FOLDER}/{AESTHETIC_V2_5_BACKBONE}",
                     "SigLIP so400m-patch14-384 transformers folder (vision tower is used)",
                     AESTHETIC_V2_5_BACKBONE_SOURCE,
                     form="model_folder",
@@ -558,13 +536,13 @@ def write_tiny_reward_models(dest: str | os.PathLike, seed: int = 0) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     _, open_clip_config = write_tiny_hps_checkpoint(dest, "v2", seed)
     write_tiny_hps_checkpoint(dest, "v2.1", seed + 1)
-    write_tiny_pickscore_folder(dest / "PickScore_v1", seed + 2)
+    write_tiny_pickscore_folder(dest / PICKSCORE_FOLDER, seed + 2)
     write_tiny_mps_checkpoint(dest, seed + 3)
-    aesthetic = dest / "aesthetic"
-    write_tiny_clip_folder(aesthetic / "clip-vit-large-patch14", seed + 4)
-    write_tiny_aesthetic_head(aesthetic / "sac+logos+ava1-l14-linearMSE.pth", "v2", seed=seed + 5)
-    write_tiny_siglip_folder(aesthetic / "siglip-so400m-patch14-384", seed + 6)
-    write_tiny_aesthetic_head(aesthetic / "aesthetic_predictor_v2_5.pth", "v2.5", seed=seed + 7)
+    aesthetic = dest / AESTHETIC_FOLDER
+    write_tiny_clip_folder(aesthetic / AESTHETIC_V2_BACKBONE, seed + 4)
+    write_tiny_aesthetic_head(aesthetic / AESTHETIC_V2_HEAD, "v2", seed=seed + 5)
+    write_tiny_siglip_folder(aesthetic / AESTHETIC_V2_5_BACKBONE, seed + 6)
+    write_tiny_aesthetic_head(aesthetic / AESTHETIC_V2_5_HEAD, "v2.5", seed=seed + 7)
     options = {
         "hps_v2": {"model_name": os.path.basename(open_clip_config)},
         "hps_v2.1": {"model_name": os.path.basename(open_clip_config)},

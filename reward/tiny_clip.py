@@ -14,8 +14,8 @@ import os
 import torch
 
 from ..fileio import atomic_folder, torch_save_atomic, write_text_atomic
-from .hps import HPS_CHECKPOINT_FILES
-from .mps import MPS_CHECKPOINT_FILE, MPSCrossModel, MPSModel, build_clip_model
+from .mps import MPSCrossModel, MPSModel, build_clip_model
+from .sources import HPS_FILES, MPS_CHECKPOINT_FILE
 
 TINY_OPEN_CLIP_NAME = "tiny-hps-vit"
 
@@ -77,7 +77,7 @@ def write_tiny_hps_checkpoint(folder: str | os.PathLike, version: str = "v2.1", 
     folder = os.fspath(folder)
     model = tiny_open_clip_model(seed)
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
-    ckpt = os.path.join(folder, HPS_CHECKPOINT_FILES[version])
+    ckpt = os.path.join(folder, HPS_FILES[version])
     torch_save_atomic(ckpt, {"state_dict": state})
     return ckpt, write_tiny_open_clip_config(folder)
 
