@@ -17,11 +17,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / ".cache" / "pkgroot"))  # the repo as the package `easyanimate_reward`
-sys.path.insert(0, str(REPO / "tests"))  # tests/host.py: ComfyServer
 
 from easyanimate_reward.easyanimate.tiny import TINY_NAMES, cached_tiny_models  # noqa: E402
 from easyanimate_reward.tools import workflows  # noqa: E402
-from host import ComfyServer, history_error, install_models  # noqa: E402
+from easyanimate_reward.tools.host import ComfyServer, history_error, install_models  # noqa: E402
 
 def tiny_models() -> dict[str, Path]:
     """Tiny model folders in the real layouts, in the same cache the tests use."""

@@ -1,4 +1,4 @@
-"""The shipped example workflows: UI and API formats agree, and every API graph runs on the real host.
+"""The shipped example workflows: the UI files are what the converter makes of the API files, and every API graph runs on the real host.
 
 Each graph is run exactly as shipped except for `tools.workflows.tinyfy` (tiny models, 32x32, 5
 frames, 3 steps; the real LoRA names mapped to tiny LoRA files). Tiny reward models, tiny LoRAs and a
@@ -15,8 +15,8 @@ from PIL import Image
 
 from easyanimate_reward.easyanimate.tiny import TINY_NAMES, TINY_VARIANT_NAMES
 from easyanimate_reward.tools import workflows
-import host
-from host import history_error
+from easyanimate_reward.tools import host
+from easyanimate_reward.tools.host import history_error
 
 TINY_FRAMES = workflows.TINY_SAMPLER["frames"]
 TINY_SIZE = workflows.TINY_SAMPLER["width"]
@@ -71,14 +71,15 @@ def test_ui_files_are_generated_from_the_api_files(object_info):
     assert problems == [], "\n".join(problems)
 
 
-def test_ui_to_api_catches_a_changed_widget_value(object_info):
+def test_a_changed_widget_value_makes_the_ui_file_stale(object_info):
     ui = workflows.load_ui("text_to_video")
+    assert ui == workflows.build_ui("text_to_video", object_info)
     sampler = next(n for n in ui["nodes"] if n["type"] == "EasyAnimateReward_Sampler")
     # prompt, negative, width, height, frames, steps, cfg, seed, "fixed" (seed control), scheduler, videos
     assert sampler["widgets_values"][7:10] == [43, "fixed", "auto"]
+    assert sampler["widgets_values"][2] == workflows.load_api("text_to_video")["3"]["inputs"]["width"]
     sampler["widgets_values"][2] = 512
-    api = workflows.ui_to_api(ui, object_info)
-    assert api["3"]["inputs"]["width"] == 512 and api != workflows.load_api("text_to_video")
+    assert ui != workflows.build_ui("text_to_video", object_info)
 
 
 def test_every_workflow_states_what_it_needs(object_info):
@@ -113,9 +114,15 @@ def test_tinyfy_keeps_the_structure():
 # ------------------------------------------------------------------------------ runs on the host
 
 
-def test_text_to_video_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "text_to_video")
-    path = saved_file(workflow_server, outputs["5"]["images"][0])
+# Workflows whose result is one tiny video: {name: id of the SaveVideo node}.
+SINGLE_VIDEO_WORKFLOWS = {"text_to_video": "5", "image_to_video": "5", "video_to_video": "7",
+                          "video_to_video_control": "6", "control_camera": "6", "image_to_video_end_image": "6"}
+
+
+@pytest.mark.parametrize("name", SINGLE_VIDEO_WORKFLOWS)
+def test_single_video_workflow_runs(workflow_server, name):
+    outputs = run_workflow(workflow_server, name)
+    path = saved_file(workflow_server, outputs[SINGLE_VIDEO_WORKFLOWS[name]]["images"][0])
     assert path.suffix == ".mp4"
     assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
 
@@ -125,12 +132,6 @@ def test_lora_comparison_runs(workflow_server):
     path = saved_file(workflow_server, outputs["11"]["images"][0])
     # three 32-wide videos stitched with two 8-pixel gaps
     assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, 3 * TINY_SIZE + 2 * 8)
-
-
-def test_image_to_video_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "image_to_video")
-    path = saved_file(workflow_server, outputs["5"]["images"][0])
-    assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
 
 
 def test_score_frames_runs(workflow_server):
@@ -175,30 +176,6 @@ def test_train_reward_lora_runs(workflow_server):
     assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
 
 
-def test_video_to_video_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "video_to_video")
-    path = saved_file(workflow_server, outputs["7"]["images"][0])
-    assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
-
-
-def test_video_to_video_control_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "video_to_video_control")
-    path = saved_file(workflow_server, outputs["6"]["images"][0])
-    assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
-
-
-def test_control_camera_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "control_camera")
-    path = saved_file(workflow_server, outputs["6"]["images"][0])
-    assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
-
-
-def test_image_to_video_end_image_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "image_to_video_end_image")
-    path = saved_file(workflow_server, outputs["6"]["images"][0])
-    assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)
-
-
 def test_tinyfy_picks_the_tiny_model_of_each_kind():
     names = {**TINY_NAMES, **TINY_VARIANT_NAMES}
     loaders = {name: workflows.tinyfy(workflows.load_api(name), names)["1"]["inputs"]["model"]
@@ -210,6 +187,7 @@ def test_tinyfy_picks_the_tiny_model_of_each_kind():
 
 def test_every_workflow_has_a_run_test():
     tested = {name.removeprefix("test_").removesuffix("_runs") for name in globals() if name.endswith("_runs")}
+    tested |= set(SINGLE_VIDEO_WORKFLOWS)
     assert set(workflows.workflow_names()) <= tested, set(workflows.workflow_names()) - tested
 
 

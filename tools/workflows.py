@@ -5,7 +5,8 @@
 node schemas of a real server's `/object_info`: which inputs are widgets and in which order their
 values go into `widgets_values` (plus the extra "control_after_generate" value after seed-like
 inputs and the "upload" value after image-upload combos), which are sockets, and which outputs a
-node has. `ui_to_api` does the reverse, so tests can check that both files describe the same graph.
+node has. Only this direction is written here: the front end's own UI -> API conversion (the Queue
+button) is checked against the API files in tests/test_frontend.py.
 
 `tinyfy` rewrites a shipped graph (real model names and sizes) to the tiny test models, so tests and
 the offline demo run exactly the shipped structure.
@@ -14,7 +15,7 @@ This module talks to ComfyUI over HTTP only (no ComfyUI imports). Regenerate the
 
     .venv/bin/python -m easyanimate_reward.tools.workflows write [--url http://127.0.0.1:8188]
 
-(without --url it starts a server of its own through tests/host.py), and check them with `check`.
+(without --url it starts a server of its own through tools/host.py), and check them with `check`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ API_DIR = WORKFLOW_DIR / "api"
 # Widget types of the front end: an input of one of these types is drawn as a widget (its value
 # sits in widgets_values) unless the schema says forceInput. Everything else is a socket.
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-# Front-end-only nodes: in the UI file, never sent to the server.
-VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 # The front end adds a seed control to these INT inputs even without the schema flag.
 SEED_NAMES = {"seed", "noise_seed"}
 
@@ -271,28 +270,29 @@ def _execution_order(api: Mapping[str, Any], columns: Mapping[str, int]) -> dict
     return {node_id: i for i, node_id in enumerate(ranked)}
 
 
-def api_to_ui(api: Mapping[str, Any], object_info: Mapping[str, Any], note: str | None = None) -> dict:
-    """A version-0.4 UI workflow for an API-format graph (node ids must be integers as strings)."""
+def _check_node_ids(api: Mapping[str, Any]) -> None:
     for node_id in api:
         if not node_id.isdigit():
             raise ValueError(f"node id {node_id!r}: use integer ids so the UI and API files share them")
-    schemas = {node_id: node_schema(object_info, node["class_type"]) for node_id, node in api.items()}
-    columns = _columns(api)
-    order = _execution_order(api, columns)
-    top = NOTE_SIZE[1] + ROW_GAP if note else 0
-    column_y: dict[int, int] = {}
-    links: list[list] = []
-    out_links: dict[tuple[str, int], list[int]] = {}
-    nodes: list[dict] = []
 
-    # Input slots: the sockets in schema order, then the widgets that a link feeds (the front end
-    # shows those as sockets too, with a "widget" entry naming the widget).
-    input_slots: dict[str, dict[str, int]] = {}
+
+def _input_slots(api: Mapping[str, Any], schemas: Mapping[str, NodeSchema]) -> dict[str, dict[str, int]]:
+    """{node id: {input name: slot}}: the sockets in schema order, then the widgets a link feeds
+    (the front end shows those as sockets too, with a "widget" entry naming the widget)."""
+    slots = {}
     for nid, node in api.items():
         sockets = [s.name for s in schemas[nid].sockets]
         fed_widgets = [s.name for s in schemas[nid].widgets if _is_link(node["inputs"].get(s.name))]
-        input_slots[nid] = {name: i for i, name in enumerate(sockets + fed_widgets)}
-    # Links, in (target node, target slot) order, so ids are stable.
+        slots[nid] = {name: i for i, name in enumerate(sockets + fed_widgets)}
+    return slots
+
+
+def _ui_links(api: Mapping[str, Any], schemas: Mapping[str, NodeSchema], input_slots: Mapping[str, dict[str, int]]
+              ) -> tuple[list[list], dict[tuple[str, int], list[int]]]:
+    """The UI's links [id, source, slot, target, target slot, type], in (target node, target slot)
+    order so ids are stable, and {(source, slot): [link ids]}."""
+    links: list[list] = []
+    out_links: dict[tuple[str, int], list[int]] = {}
     for node_id in sorted(api, key=int):
         for spec in schemas[node_id].inputs:
             value = api[node_id]["inputs"].get(spec.name)
@@ -301,120 +301,97 @@ def api_to_ui(api: Mapping[str, Any], object_info: Mapping[str, Any], note: str 
             source, slot = value
             if source not in api:
                 raise ValueError(f"node {node_id} input {spec.name!r} links to missing node {source}")
-            link_type = schemas[source].outputs[slot][1]
             link_id = len(links) + 1
-            links.append([link_id, int(source), slot, int(node_id), input_slots[node_id][spec.name], link_type])
+            links.append([link_id, int(source), slot, int(node_id), input_slots[node_id][spec.name],
+                          schemas[source].outputs[slot][1]])
             out_links.setdefault((source, slot), []).append(link_id)
-    link_into = {(link[3], link[4]): link[0] for link in links}
+    return links, out_links
 
+
+def _ui_inputs(node_id: str, node: Mapping[str, Any], schema: NodeSchema, input_slots: Mapping[str, int],
+               link_into: Mapping[tuple[int, int], int]) -> list[dict]:
+    """A UI node's input slots: its sockets, then the widgets fed by a link."""
+    unknown = set(node["inputs"]) - {s.name for s in schema.inputs}
+    if unknown:
+        raise ValueError(f"node {node_id} ({schema.type}) has inputs the server does not know: {sorted(unknown)}")
+    inputs = []
+    for slot, spec in enumerate(schema.sockets):
+        if not spec.optional and (int(node_id), slot) not in link_into:
+            missing = [s.name for i, s in enumerate(schema.sockets) if not s.optional and (int(node_id), i) not in link_into]
+            raise ValueError(f"node {node_id} ({schema.type}) has unconnected required inputs: {missing}")
+        entry = {"name": spec.name, "type": spec.type, "link": link_into.get((int(node_id), slot))}
+        if spec.optional:
+            entry["shape"] = 7  # the front end's mark for an optional socket (hollow dot)
+        inputs.append(entry)
+    for spec in schema.widgets:
+        if _is_link(node["inputs"].get(spec.name)):
+            inputs.append({"name": spec.name, "type": spec.type, "widget": {"name": spec.name},
+                           "link": link_into[(int(node_id), input_slots[spec.name])]})
+    return inputs
+
+
+def _widgets_values(node_id: str, node: Mapping[str, Any], schema: NodeSchema) -> list:
+    """The widget values in schema order, with the extra values the front end stores after some."""
+    values = []
+    for spec in schema.widgets:
+        if spec.name not in node["inputs"]:
+            raise ValueError(f"node {node_id} ({schema.type}) has no value for widget {spec.name!r}")
+        value = node["inputs"][spec.name]
+        values.append(spec.default if _is_link(value) else value)
+        if spec.extra_widgets:
+            # seed control: keep the shipped seed; image upload button: stores "image"
+            values += ["fixed" if spec.type == "INT" else "image"][: spec.extra_widgets]
+    return values
+
+
+def _ui_outputs(node_id: str, schema: NodeSchema, out_links: Mapping[tuple[str, int], list[int]]) -> list[dict]:
+    return [{"name": name, "type": kind, "links": out_links.get((node_id, slot)) or None, "slot_index": slot}
+            for slot, (name, kind) in enumerate(schema.outputs)]
+
+
+def _note_node(node_id: int, note: str) -> dict:
+    return {
+        "id": node_id, "type": "Note", "pos": [0, 0], "size": list(NOTE_SIZE), "flags": {}, "order": 0,
+        "mode": 0, "inputs": [], "outputs": [], "title": "Read me: what this workflow needs",
+        "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653",
+    }
+
+
+def api_to_ui(api: Mapping[str, Any], object_info: Mapping[str, Any], note: str | None = None) -> dict:
+    """A version-0.4 UI workflow for an API-format graph (node ids must be integers as strings):
+    nodes laid out left to right in data-flow order, a column per distance from the sources."""
+    _check_node_ids(api)
+    schemas = {node_id: node_schema(object_info, node["class_type"]) for node_id, node in api.items()}
+    columns = _columns(api)
+    order = _execution_order(api, columns)
+    input_slots = _input_slots(api, schemas)
+    links, out_links = _ui_links(api, schemas, input_slots)
+    link_into = {(link[3], link[4]): link[0] for link in links}
+    top = NOTE_SIZE[1] + ROW_GAP if note else 0
+    column_y: dict[int, int] = {}
+    nodes: list[dict] = []
     for node_id in sorted(api, key=lambda n: (columns[n], int(n))):
         node, schema = api[node_id], schemas[node_id]
-        unknown = set(node["inputs"]) - {s.name for s in schema.inputs}
-        if unknown:
-            raise ValueError(f"node {node_id} ({schema.type}) has inputs the server does not know: {sorted(unknown)}")
-        inputs = []
-        for slot, spec in enumerate(schema.sockets):
-            entry = {"name": spec.name, "type": spec.type, "link": link_into.get((int(node_id), slot))}
-            if spec.optional:
-                entry["shape"] = 7  # the front end's mark for an optional socket (hollow dot)
-            inputs.append(entry)
-        for spec in schema.widgets:
-            if _is_link(node["inputs"].get(spec.name)):
-                slot = input_slots[node_id][spec.name]
-                inputs.append({"name": spec.name, "type": spec.type, "widget": {"name": spec.name},
-                               "link": link_into[(int(node_id), slot)]})
-        missing = [s.name for s in schema.sockets if not s.optional and (int(node_id), schema.sockets.index(s)) not in link_into]
-        if missing:
-            raise ValueError(f"node {node_id} ({schema.type}) has unconnected required inputs: {missing}")
-        widgets_values = []
-        for spec in schema.widgets:
-            if spec.name not in node["inputs"]:
-                raise ValueError(f"node {node_id} ({schema.type}) has no value for widget {spec.name!r}")
-            value = node["inputs"][spec.name]
-            widgets_values.append(spec.default if _is_link(value) else value)
-            if spec.extra_widgets:
-                # seed control: keep the shipped seed; image upload button: stores "image"
-                widgets_values += ["fixed" if spec.type == "INT" else "image"][: spec.extra_widgets]
-        outputs = []
-        for slot, (name, kind) in enumerate(schema.outputs):
-            targets = out_links.get((node_id, slot))
-            outputs.append({"name": name, "type": kind, "links": targets or None, "slot_index": slot})
+        inputs = _ui_inputs(node_id, node, schema, input_slots[node_id], link_into)
         column = columns[node_id]
         y = column_y.get(column, top)
         height = _estimate_height(schema)
         column_y[column] = y + height + ROW_GAP
-        entry = {
-            "id": int(node_id),
-            "type": schema.type,
-            "pos": [column * (NODE_WIDTH + COLUMN_GAP), y],
-            "size": [NODE_WIDTH, height],
-            "flags": {},
-            "order": order[node_id] + (1 if note else 0),
-            "mode": 0,
-            "inputs": inputs,
-            "outputs": outputs,
-        }
+        entry = {"id": int(node_id), "type": schema.type, "pos": [column * (NODE_WIDTH + COLUMN_GAP), y],
+                 "size": [NODE_WIDTH, height], "flags": {}, "order": order[node_id] + (1 if note else 0), "mode": 0,
+                 "inputs": inputs, "outputs": _ui_outputs(node_id, schema, out_links)}
         title = (node.get("_meta") or {}).get("title")
         if title and title != schema.display_name:
             entry["title"] = title
         entry["properties"] = {"Node name for S&R": schema.type}
-        entry["widgets_values"] = widgets_values
+        entry["widgets_values"] = _widgets_values(node_id, node, schema)
         nodes.append(entry)
-
     last_id = max(int(n) for n in api)
     if note:
-        nodes.insert(0, {
-            "id": last_id + 1, "type": "Note", "pos": [0, 0], "size": list(NOTE_SIZE), "flags": {}, "order": 0,
-            "mode": 0, "inputs": [], "outputs": [], "title": "Read me: what this workflow needs",
-            "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653",
-        })
         last_id += 1
-    return {
-        "last_node_id": last_id,
-        "last_link_id": len(links),
-        "nodes": nodes,
-        "links": links,
-        "groups": [],
-        "config": {},
-        "extra": {},
-        "version": 0.4,
-    }
-
-
-# ------------------------------------------------------------------------------ UI -> API
-
-
-def ui_to_api(ui: Mapping[str, Any], object_info: Mapping[str, Any]) -> dict:
-    """The API-format graph the front end would queue for a UI workflow (active nodes only)."""
-    links = {link[0]: link for link in ui["links"]}
-    api: dict[str, dict] = {}
-    for node in ui["nodes"]:
-        if node["type"] in VIRTUAL_NODES or node.get("mode", 0) in (2, 4):  # notes, muted, bypassed
-            continue
-        schema = node_schema(object_info, node["type"])
-        values = list(node.get("widgets_values") or [])
-        inputs: dict[str, Any] = {}
-        position = 0
-        for spec in schema.widgets:
-            if position >= len(values):
-                raise ValueError(f"node {node['id']} ({node['type']}): too few widgets_values")
-            inputs[spec.name] = values[position]
-            position += 1 + spec.extra_widgets
-        if position != len(values):
-            raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widgets_values, expected {position}")
-        for entry in node.get("inputs") or []:
-            link_id = entry.get("link")
-            if link_id is None:
-                continue
-            _, source, slot, _, _, _ = links[link_id]
-            inputs[entry.get("widget", {}).get("name", entry["name"])] = [str(source), slot]
-        ordered = {spec.name: inputs[spec.name] for spec in schema.inputs if spec.name in inputs}
-        api[str(node["id"])] = {
-            "inputs": ordered,
-            "class_type": node["type"],
-            "_meta": {"title": node.get("title") or schema.display_name},
-        }
-    return api
+        nodes.insert(0, _note_node(last_id, note))
+    return {"last_node_id": last_id, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {}, "version": 0.4}
 
 
 # ------------------------------------------------------------------------------ tiny test graphs
@@ -621,13 +598,13 @@ def write_all(object_info: Mapping[str, Any]) -> list[Path]:
 
 
 def check_all(object_info: Mapping[str, Any]) -> list[str]:
-    """Problems found (empty = all good): stale UI files, UI/API disagreement, missing notes."""
+    """Problems found (empty = all good): stale UI files (not what `api_to_ui` makes of the API file),
+    missing notes, a stale README."""
     problems = []
     for name in workflow_names():
         if name not in NOTES:
             problems.append(f"{name}: no entry in NOTES (what it needs with real weights)")
             continue
-        api = load_api(name)
         path = WORKFLOW_DIR / f"{name}.json"
         if not path.is_file():
             problems.append(f"{name}: {path} missing; run `write`")
@@ -635,8 +612,6 @@ def check_all(object_info: Mapping[str, Any]) -> list[str]:
         ui = load_ui(name)
         if ui != build_ui(name, object_info):
             problems.append(f"{name}: {path.name} is not what the converter makes from api/{name}.json; run `write`")
-        if ui_to_api(ui, object_info) != api:
-            problems.append(f"{name}: UI -> API conversion differs from api/{name}.json")
     readme = WORKFLOW_DIR / "README.md"
     if not readme.is_file() or readme.read_text() != readme_text():
         problems.append("workflows/README.md is stale; run `write`")
@@ -649,8 +624,7 @@ def _object_info_from(url: str | None):
     if url:
         with request.urlopen(url.rstrip("/") + "/object_info", timeout=120) as r:
             return json.loads(r.read()), None
-    sys.path.insert(0, str(REPO / "tests"))
-    from host import ComfyServer  # tests/host.py: starts the real host with the pack linked in
+    from .host import ComfyServer  # starts the real host with the pack linked in
 
     server = ComfyServer(Path(tempfile.mkdtemp(prefix="workflows-base-")))
     server.start()
