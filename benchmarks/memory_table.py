@@ -367,10 +367,7 @@ TILED_VAE_BUDGET = 2 * 2**30
 
 
 def set_vae_tiling(pipe, tiled: bool) -> None:
-    options = getattr(pipe, "options", None)
-    if options is None:
-        options = pipe.options = {}
-    options["vae_budget_bytes"] = TILED_VAE_BUDGET if tiled else None
+    pipe.vae_budget_bytes = TILED_VAE_BUDGET if tiled else None
 
 
 def phase_decode(pipe, height: int, width: int, frames: int, tiled: bool) -> Phase:

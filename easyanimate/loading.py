@@ -39,7 +39,6 @@ class ModelLayout:
     folder: Path
     version: str
     scheduler_class: str
-    text_encoder_type: str
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -70,8 +69,7 @@ def detect_layout(folder: str | os.PathLike) -> ModelLayout:
         raise ModelFolderError(
             f"{folder / 'text_encoder' / 'config.json'} has model_type {text_type!r}; expected 'bert' "
             "(EasyAnimate V5, with a T5 in text_encoder_2/) or 'qwen2_vl' (EasyAnimate V5.1)")
-    return ModelLayout(folder, version, scheduler_class(scheduler, folder / "scheduler" / "scheduler_config.json"),
-                       text_type)
+    return ModelLayout(folder, version, scheduler_class(scheduler, folder / "scheduler" / "scheduler_config.json"))
 
 
 def scheduler_class(config: dict, where: Path) -> str:
@@ -247,7 +245,6 @@ def load_pipe(folder: str | os.PathLike, precision: str = "bf16", memory_mode: s
         folder=str(root), version=layout.version, transformer=transformer, vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2, scheduler_config=scheduler_config, dtype=dtype, placement=placement,
-        options={"precision": precision, "memory_mode": memory_mode, "resident_blocks": resident_blocks},
     )
 
 

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: importing these here would load diffusers / transformers
+    from diffusers import AutoencoderKLMagvit, EasyAnimateTransformer3DModel
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from .lora_format import LoraWeights
+    from .lora_patch import LoraPatcher
+    from .memory import ModulePlacement
 
 
 @dataclass(frozen=True)
 class AppliedLora:
-    """One LoRA in a model's stack. `weights` is a `LoraWeights` (see easyanimate/lora_format.py)."""
+    """One LoRA in a model's stack."""
 
     name: str
-    weights: Any
+    weights: LoraWeights
     strength: float
 
 
@@ -23,17 +32,19 @@ class EasyAnimatePipe:
 
     folder: str
     version: str  # "v5" (Bert + T5, DDIM) or "v5.1" (Qwen2-VL, flow matching)
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    text_encoder_2: Any | None
-    tokenizer_2: Any | None
+    transformer: EasyAnimateTransformer3DModel
+    vae: AutoencoderKLMagvit
+    text_encoder: nn.Module  # BertModel (V5) or Qwen2VLForConditionalGeneration (V5.1)
+    tokenizer: PreTrainedTokenizerBase
+    text_encoder_2: nn.Module | None  # T5EncoderModel (V5), None for V5.1
+    tokenizer_2: PreTrainedTokenizerBase | None
     scheduler_config: dict
     dtype: torch.dtype
-    placement: Any  # easyanimate.memory.ModulePlacement
-    lora_patcher: Any = None  # easyanimate.lora_patch.LoraPatcher, created on first use
-    options: dict = field(default_factory=dict)
+    placement: ModulePlacement
+    lora_patcher: LoraPatcher | None = None  # created on first use (lora_patch.get_patcher)
+    # What the VAE plans its tiles for (easyanimate/vae.py vae_budget): "auto" (the compute
+    # device's free memory at each call), None (never tile) or a number of bytes.
+    vae_budget_bytes: int | str | None = "auto"
 
     @property
     def compute_device(self) -> torch.device:
@@ -48,7 +59,7 @@ class EasyAnimateModel:
     pipe: EasyAnimatePipe
     loras: tuple[AppliedLora, ...] = ()
 
-    def with_lora(self, weights: Any, strength: float, name: str) -> "EasyAnimateModel":
+    def with_lora(self, weights: LoraWeights, strength: float, name: str) -> "EasyAnimateModel":
         return replace(self, loras=self.loras + (AppliedLora(name, weights, float(strength)),))
 
     @property

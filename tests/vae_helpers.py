@@ -11,10 +11,10 @@ class Interrupted(Exception):
     pass
 
 
-def make_pipe(vae, **options):
+def make_pipe(vae, vae_budget_bytes="auto"):
     """Just what the VAE helpers and inpaint_condition read of a pipe (an InP model's channels)."""
     transformer = SimpleNamespace(config=SimpleNamespace(add_noise_in_inpaint_model=False, in_channels=33))
-    return SimpleNamespace(vae=vae, transformer=transformer, dtype=torch.float32, options=options,
+    return SimpleNamespace(vae=vae, transformer=transformer, dtype=torch.float32, vae_budget_bytes=vae_budget_bytes,
                            placement=ModulePlacement("none", "cpu"), compute_device=torch.device("cpu"))
 
 
