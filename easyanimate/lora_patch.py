@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .lora_format import LoraModule
+from .lora_hook import LinearDeltaHook
 from .memory import copy_saturating_
 
 MODES = ("fused", "unfused")
@@ -51,11 +52,6 @@ _CPU_CHUNK_ELEMENTS = 1 << 26
 _DEVICE_CHUNK_ELEMENTS = 1 << 28
 
 Progress = Callable[[int, int], None]
-
-
-def _cast_into(dst: torch.Tensor, src32: torch.Tensor) -> None:
-    """dst.copy_(src32), saturating to the fp8 range (a plain cast turns overflow into NaN)."""
-    copy_saturating_(dst, src32)
 
 
 def _autograd_usable(t: torch.Tensor) -> torch.Tensor:
@@ -79,11 +75,6 @@ def stack_terms(loras: Iterable) -> dict[str, list[Term]]:
         for path, lora in applied.weights.modules.items():
             terms.setdefault(path, []).append((lora, strength * lora.scale))
     return terms
-
-
-def _terms_signature(terms: Sequence[Term]) -> tuple:
-    # Holds the LoraModule objects themselves (compared with `is`): an id could be reused.
-    return tuple((lora, coef) for lora, coef in terms)
 
 
 def _same_terms(a: tuple, b: tuple) -> bool:
@@ -148,11 +139,11 @@ def merged_weight_(
         work.copy_(base[start:stop])  # upcast (and host-to-device copy when base is a CPU backup)
         for up, down, coef in factors:
             work.addmm_(up[start:stop], down, alpha=coef)
-        _cast_into(weight[start:stop], work)
+        copy_saturating_(weight[start:stop], work)
 
 
-class _LoraAdapterHook:
-    """Forward hook adding sum coef * up(down(x)) to a Linear's output, without touching its weight.
+class _LoraAdapterHook(LinearDeltaHook):
+    """Adds sum coef * up(down(x)) to a Linear's output, without touching its weight.
     Several LoRAs on one Linear are concatenated along the rank, so one pair of matmuls serves the
     whole stack; the coefficients scale the small rank-R intermediate. A single LoRA is used without
     copying its tensors (the file's own bf16 tensors when the activations are bf16 on CPU)."""
@@ -186,13 +177,9 @@ class _LoraAdapterHook:
         self.keep_on_device = False
         self._cache = {key: value for key, value in self._cache.items() if key[0].type == "cpu"}
 
-    def __call__(self, module: nn.Module, args, output):
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or not output.is_floating_point():
-            return output
+    def delta(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         down, up, coefs = self._factors(output.device, output.dtype)
-        hidden = nn.functional.linear(x.to(output.device, output.dtype), down) * coefs
-        return output + nn.functional.linear(hidden, up)
+        return nn.functional.linear(nn.functional.linear(x, down) * coefs, up)
 
 
 @dataclass
@@ -338,7 +325,7 @@ class LoraPatcher:
                 self.work_done += 1
                 step()
         for path, terms in targets.items():
-            signature = _terms_signature(terms)
+            signature = tuple(terms)  # holds the LoraModules themselves (compared with `is`)
             current = self._adapters.get(path)
             if current is not None and _same_terms(current[0], signature):
                 step()
@@ -346,7 +333,7 @@ class LoraPatcher:
             if current is not None:
                 current[1].remove()
             hook = _LoraAdapterHook(terms, self.keep_adapters_on_device)
-            self._adapters[path] = (signature, linears[path].register_forward_hook(hook), hook)
+            self._adapters[path] = (signature, hook.attach(linears[path]), hook)
             self.work_done += 1
             step()
 
@@ -359,7 +346,7 @@ class LoraPatcher:
                 self._restore_one(linears[path], path)
                 step()
         for path, terms in targets.items():
-            signature = _terms_signature(terms)
+            signature = tuple(terms)  # holds the LoraModules themselves (compared with `is`)
             current = self._fused.get(path)
             if current is not None and _same_terms(current.signature, signature):
                 step()
@@ -381,11 +368,11 @@ class LoraPatcher:
                 self._path_of.pop(id(linears[path]), None)
                 moved = self._moved.pop(path, None)
                 if moved is not None:  # on the device now: the original back into its device copy
-                    _cast_into(moved[0].weight.data, moved[1].to(moved[0].weight.device, torch.float32))
+                    copy_saturating_(moved[0].weight.data, moved[1].to(moved[0].weight.device, torch.float32))
                 self.work_done += 1
                 step()
         for path, terms in targets.items():
-            signature = _terms_signature(terms)
+            signature = tuple(terms)  # holds the LoraModules themselves (compared with `is`)
             current = self._fused.get(path)
             if current is None or not _same_terms(current.signature, signature):
                 self._fused[path] = _Fused(signature)
@@ -452,7 +439,7 @@ class LoraPatcher:
         if backup.dtype == weight.dtype:
             weight.copy_(backup)  # same dtype: a bitwise copy (across devices too)
         else:  # the weight was re-cast while patched (memory mode change): the base in the new dtype
-            _cast_into(weight, backup.to(weight.device, torch.float32))
+            copy_saturating_(weight, backup.to(weight.device, torch.float32))
         del self._fused[path]
         self.work_done += 1
 

@@ -1,7 +1,7 @@
 """Trainable LoRA adapters on the transformer's Linear layers, attached with forward hooks.
 
 The base weights are never written and never get a gradient: each targeted Linear's output gets
-`scale * up(down(x))` added by a hook. That works whatever the base weight is (bf16, fp32, or
+`scale * up(down(x))` added by the pack's one adapter hook (easyanimate/lora_hook.py). That works whatever the base weight is (bf16, fp32, or
 float8 under the qfloat8 memory mode, whose Linear forward upcasts) and alongside LoRAs the pack's
 patcher already applied (fused into the weights, or its own unfused hooks).
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from ..easyanimate.keymap import diffusers_to_original
 from ..easyanimate.lora_format import BLOCKS_KEY, LoraWeights, lora_target_modules, weights_from_tensors
+from ..easyanimate.lora_hook import LinearDeltaHook
 
 
 def select_target_paths(transformer: nn.Module, pattern: str = "") -> list[str]:
@@ -37,12 +38,18 @@ def select_target_paths(transformer: nn.Module, pattern: str = "") -> list[str]:
     return paths
 
 
-class _AdapterHook:
+class _TrainableDelta(LinearDeltaHook):
+    """The delta of one targeted Linear: scale * up(down(x)), factors cast to the activations'
+    device and dtype inside the forward (autograd casts the gradient back to float32)."""
+
     def __init__(self, layers: "LoraLayers", index: int):
         self.layers, self.index = layers, index
 
-    def __call__(self, module: nn.Module, args, output):
-        return self.layers.adapt(self.index, args[0], output)
+    def delta(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        layers, index = self.layers, self.index
+        down = layers.down[index].to(output.device, output.dtype)
+        up = layers.up[index].to(output.device, output.dtype)
+        return F.linear(F.linear(x, down), up) * layers.scale
 
 
 class LoraLayers(nn.Module):
@@ -80,18 +87,12 @@ class LoraLayers(nn.Module):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def adapt(self, index: int, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        dtype = output.dtype
-        down = self.down[index].to(output.device, dtype)
-        up = self.up[index].to(output.device, dtype)
-        return output + F.linear(F.linear(x.to(output.device, dtype), down), up) * self.scale
-
     def attach(self, transformer: nn.Module) -> "LoraLayers":
         if self._handles:
             raise RuntimeError("LoRA layers are already attached")
         for index, path in enumerate(self.paths):
             module = transformer.get_submodule(path)
-            self._handles.append(module.register_forward_hook(_AdapterHook(self, index)))
+            self._handles.append(_TrainableDelta(self, index).attach(module))
         return self
 
     def detach(self) -> None:
