@@ -167,23 +167,6 @@ def test_hps_loads_bare_state_dict_and_versions(files, frames, hps_reward, tmp_p
         assert torch.allclose(reward(frames, PROMPTS), hps_reward(frames, PROMPTS), atol=1e-6)
 
 
-def test_hps_gradients_reach_frames_only(hps_reward, frames):
-    x = frames.clone().requires_grad_(True)
-    hps_reward(x, PROMPTS).sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in hps_reward.parameters())
-
-
-def test_hps_bf16_close_to_fp32(files, hps_reward, frames):
-    reward = hps.load_hps(files["hps"], "v2.1", model_name=files["hps_config"], dtype=torch.bfloat16)
-    assert next(reward.parameters()).dtype == torch.bfloat16
-    with torch.no_grad():
-        low, full = reward(frames, PROMPTS), hps_reward(frames, PROMPTS)
-    assert low.dtype == torch.float32
-    # measured max |bf16 - fp32| = 0.0031 on cosines of -0.17 and 0.03 (they differ by 0.2)
-    assert torch.allclose(low, full, atol=0.006), (low, full)
-
-
 # ----------------------------------------------------------------------------- distinct prompts
 
 PROMPT_ROWS = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]]
@@ -296,27 +279,6 @@ def test_folder_tokenizer_files_match_open_clip_ids(files, pick_reward, frames, 
         assert torch.allclose(reward(frames, PROMPTS), pick_reward(frames, PROMPTS), atol=1e-6)
 
 
-def test_pickscore_gradients_and_batch_independence(pick_reward, frames):
-    x = frames.clone().requires_grad_(True)
-    scores = pick_reward(x, PROMPTS)
-    scores.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in pick_reward.parameters())
-    with torch.no_grad():
-        single = torch.cat([pick_reward(frames[i : i + 1], [PROMPTS[i]]) for i in range(2)])
-    assert torch.allclose(scores.detach(), single, atol=1e-5)
-
-
-def test_pickscore_bf16_loader(files, pick_reward, frames):
-    reward = pickscore.load_pickscore(files["pickscore"], device="cpu", dtype=torch.bfloat16)
-    assert next(reward.parameters()).dtype == torch.bfloat16
-    with torch.no_grad():
-        low, full = reward(frames, PROMPTS), pick_reward(frames, PROMPTS)
-    assert low.dtype == torch.float32
-    # measured max |bf16 - fp32| = 0.033 on scores of -0.86 and 4.0
-    assert torch.allclose(low, full, atol=0.08)
-
-
 # ----------------------------------------------------------------------------- MPS
 
 
@@ -407,29 +369,8 @@ def test_mps_matches_direct_formula(mps_reward, files, frames, keep, monkeypatch
         assert torch.allclose(plain(frames, PROMPTS) * scale, ours, atol=1e-4)
 
 
-def test_mps_gradients_and_batch_independence(mps_reward, frames):
-    x = frames.clone().requires_grad_(True)
-    scores = mps_reward(x, PROMPTS)
-    scores.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in mps_reward.parameters())
-    with torch.no_grad():
-        single = torch.cat([mps_reward(frames[i : i + 1], [PROMPTS[i]]) for i in range(2)])
-    assert torch.allclose(scores.detach(), single, atol=1e-5)
-
-
 def test_mps_cross_config_read_from_checkpoint(mps_reward):
     assert mps_reward.mps.cross_model.config == tiny_clip.TINY_CROSS_MODEL_CONFIG
-
-
-def test_mps_bf16_close_to_fp32(files, mps_reward, frames):
-    reward = mps.load_mps(files["mps"], clip_config=tiny_clip.TINY_HF_CLIP_CONFIG, dtype=torch.bfloat16)
-    assert next(reward.parameters()).dtype == torch.bfloat16
-    with torch.no_grad():
-        low, full = reward(frames, PROMPTS), mps_reward(frames, PROMPTS)
-    assert low.dtype == torch.float32
-    # measured max |bf16 - fp32| = 0.041 on scores of 1.23 and -0.0006
-    assert torch.allclose(low, full, atol=0.08), (low, full)
 
 
 def test_rotary_angles_stay_float32_under_bf16():
@@ -505,3 +446,43 @@ def test_missing_files_name_the_file(tmp_path):
         mps.load_mps(tmp_path)
     with pytest.raises(FileNotFoundError, match=os.path.basename("gone.pth")):
         mps.load_mps(tmp_path / "gone.pth")
+
+
+# ----------------------------------------------------------------------------- all three CLIP rewards
+
+CLIP_REWARDS = ("hps_reward", "pick_reward", "mps_reward")
+BF16_LOADERS = {  # fixture -> (the same files loaded in bf16, tolerance to the fp32 scores)
+    # measured max |bf16 - fp32| = 0.0031 on cosines of -0.17 and 0.03 (they differ by 0.2)
+    "hps_reward": (lambda files: hps.load_hps(files["hps"], "v2.1", model_name=files["hps_config"],
+                                              dtype=torch.bfloat16), 0.006),
+    # measured max |bf16 - fp32| = 0.033 on scores of -0.86 and 4.0
+    "pick_reward": (lambda files: pickscore.load_pickscore(files["pickscore"], device="cpu", dtype=torch.bfloat16),
+                    0.08),
+    # measured max |bf16 - fp32| = 0.041 on scores of 1.23 and -0.0006
+    "mps_reward": (lambda files: mps.load_mps(files["mps"], clip_config=tiny_clip.TINY_HF_CLIP_CONFIG,
+                                              dtype=torch.bfloat16), 0.08),
+}
+
+
+@pytest.mark.parametrize("name", CLIP_REWARDS)
+def test_gradients_reach_frames_only_and_batches_are_independent(request, name, frames):
+    reward = request.getfixturevalue(name)
+    x = frames.clone().requires_grad_(True)
+    scores = reward(x, PROMPTS)
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in reward.parameters())
+    with torch.no_grad():
+        single = torch.cat([reward(frames[i : i + 1], [PROMPTS[i]]) for i in range(2)])
+    assert torch.allclose(scores.detach(), single, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CLIP_REWARDS)
+def test_bf16_loading_stays_close_to_fp32(request, name, files, frames):
+    load, atol = BF16_LOADERS[name]
+    reward, full_reward = load(files), request.getfixturevalue(name)
+    assert next(reward.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        low, full = reward(frames, PROMPTS), full_reward(frames, PROMPTS)
+    assert low.dtype == torch.float32
+    assert torch.allclose(low, full, atol=atol), (low, full)
