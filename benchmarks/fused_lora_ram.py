@@ -26,6 +26,8 @@ import sys
 import threading
 import time
 
+from tables import markdown_table  # benchmarks/tables.py
+
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
@@ -108,14 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fused LoRA (rank 128, every Linear) under model_cpu_offload, {args.layers} 12b-like blocks, "
           f"bf16 weights {rows[0]['weights_gib']:.2f} GiB, LoRA {rows[0]['lora_gib']:.2f} GiB "
           "(simulated device: RAM side only)")
-    print("| variant | peak RSS above interpreter (GiB) | x weights | x weights, LoRA tensors aside | "
-          "CPU backups (GiB) | sync 0.7 + 0.4 (s) |")
-    print("|---|---|---|---|---|---|")
     names = {"in_place": "patched in RAM + backups (before)", "on_move": "patched on the device as it moves in (now)"}
-    for r in rows:
-        aside = (r["peak_over_interpreter_gib"] - r["lora_gib"]) / r["weights_gib"]
-        print(f"| {names[r['variant']]} | {r['peak_over_interpreter_gib']:.2f} | {r['ratio']:.2f} | {aside:.2f} | "
-              f"{r['backup_gib']:.2f} | {r['sync_seconds']:.1f} |")
+    print(markdown_table(
+        ("variant", "peak RSS above interpreter (GiB)", "x weights", "x weights, LoRA tensors aside",
+         "CPU backups (GiB)", "sync 0.7 + 0.4 (s)"),
+        ((names[r["variant"]], f"{r['peak_over_interpreter_gib']:.2f}", f"{r['ratio']:.2f}",
+          f"{(r['peak_over_interpreter_gib'] - r['lora_gib']) / r['weights_gib']:.2f}", f"{r['backup_gib']:.2f}",
+          f"{r['sync_seconds']:.1f}") for r in rows)))
     return 0
 
 

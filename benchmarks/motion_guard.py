@@ -24,6 +24,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".cache", "pkgroot"))
 
 import torch  # noqa: E402
+from tables import markdown_table  # noqa: E402 (benchmarks/tables.py)
 
 from easyanimate_reward.easyanimate.loading import load_pipe  # noqa: E402
 from easyanimate_reward.easyanimate.model import EasyAnimateModel  # noqa: E402
@@ -87,13 +88,11 @@ def main() -> int:
         rows[f"colorfulness + {weight:g} x motion (scale-normalised)"] = run(pipe, "none", 0.0, args, mixed)
     print(f"tiny V5, 64x64x9, 4 sampling steps, {args.steps} steps of batch 2, lr {args.lr:g}; held-out: "
           f"{len(HELD_OUT)} prompts on fixed seeds")
-    print("| run | held-out reward gain | held-out motion change vs base | training reward first -> last | time |")
-    print("|---|---|---|---|---|")
-    for name, r in rows.items():
-        gain = r["eval_last"] - r["eval_first"]
-        print(f"| {name} | {gain:+.3f} ({r['eval_first']:.3f} -> {r['eval_last']:.3f}) | "
-              f"{r['motion_change']:+.1f}% ({r['motion_base']:.3f} -> {r['motion_last']:.3f} px/frame) | "
-              f"{r['train_first']:.3f} -> {r['train_last']:.3f} | {r['seconds']:.0f} s |")
+    print(markdown_table(
+        ("run", "held-out reward gain", "held-out motion change vs base", "training reward first -> last", "time"),
+        ((name, f"{r['eval_last'] - r['eval_first']:+.3f} ({r['eval_first']:.3f} -> {r['eval_last']:.3f})",
+          f"{r['motion_change']:+.1f}% ({r['motion_base']:.3f} -> {r['motion_last']:.3f} px/frame)",
+          f"{r['train_first']:.3f} -> {r['train_last']:.3f}", f"{r['seconds']:.0f} s") for name, r in rows.items())))
     return 0
 
 

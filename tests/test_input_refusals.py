@@ -15,12 +15,13 @@ from safetensors.torch import save_file
 from easyanimate_reward.easyanimate.cancel import cancel_check
 from easyanimate_reward.easyanimate.loading import ModelFolderError, detect_layout, load_pipe
 from easyanimate_reward.easyanimate.lora_format import LoraMismatchError, load_lora_file, save_lora_file, weights_from_tensors
-from easyanimate_reward.reward.base import Reward, WeightedReward
+from easyanimate_reward.reward.base import WeightedReward
 from easyanimate_reward.reward.registry import load_reward, write_tiny_reward_models
 from easyanimate_reward.reward.scoring import score_images
 from easyanimate_reward.reward.simple import SaturationReward
 
 from test_lora import linears, random_lora, tiny_transformer, write_official
+from test_training_reliability import CountingReward
 
 
 BLOCKS = "easyanimate_reward.transformer_blocks"  # metadata: depth of the model a pack LoRA was made for
@@ -39,18 +40,6 @@ def stop_after(calls: list, n: int):
     return check
 
 
-class CountingReward(Reward):
-    name = "counting"
-
-    def __init__(self):
-        super().__init__()
-        self.batches = 0
-
-    def score(self, frames, prompts):
-        self.batches += 1
-        return frames.mean(dim=(1, 2, 3))
-
-
 # ---------------------------------------------------------------------------------------------- item 5
 
 def test_interrupt_during_scoring_stops_before_the_next_batch():
@@ -58,7 +47,7 @@ def test_interrupt_during_scoring_stops_before_the_next_batch():
     images = torch.rand(10, 8, 8, 3)
     with cancel_check(stop_after(calls, 2)), pytest.raises(Stop):
         score_images(reward, images, "p", batch_size=2)  # 5 batches
-    assert reward.batches == 1, f"{reward.batches} batches ran after the interrupt was requested"
+    assert reward.calls == 1, f"{reward.calls} batches ran after the interrupt was requested"
 
 
 def test_interrupt_during_sampling_stops_before_the_next_step(tiny_models):

@@ -17,9 +17,10 @@ def vae():
     return build_tiny_vae(seed=1).eval()
 
 
-def test_cancel_during_decode_stops_before_the_next_latent_chunk(vae):
-    latents = seeded_latents(frames=5)  # 5 latent frames = 5 decoder chunks
-    spy = CallSpy(vae.decoder)
+def forwards_when_cancelled_after_two(module, run) -> int:
+    """Runs `run()` with Cancel pressed once `module` has run twice (the check raises between
+    chunks); returns how many forwards of `module` ran in all."""
+    spy = CallSpy(module)
 
     def interrupt_after_two_chunks():
         if spy.calls >= 2:
@@ -27,10 +28,17 @@ def test_cancel_during_decode_stops_before_the_next_latent_chunk(vae):
 
     try:
         with cancel_check(interrupt_after_two_chunks), pytest.raises(Interrupted, match="cancel pressed"):
-            decode_latents(make_pipe(vae, vae_budget_bytes=None), latents * vae.config.scaling_factor)
+            run()
     finally:
         spy.remove()
-    assert spy.calls == 2
+    return spy.calls
+
+
+def test_cancel_during_decode_stops_before_the_next_latent_chunk(vae):
+    latents = seeded_latents(frames=5)  # 5 latent frames = 5 decoder chunks
+    pipe = make_pipe(vae, vae_budget_bytes=None)
+    assert forwards_when_cancelled_after_two(
+        vae.decoder, lambda: decode_latents(pipe, latents * vae.config.scaling_factor)) == 2
 
 
 def test_decode_after_an_interrupted_one_equals_a_clean_decode(vae):
@@ -51,18 +59,7 @@ def test_cancel_during_encode_stops_before_the_next_frame_chunk(vae):
     shape = latent_shape(1, 48, 48, 13)  # the encoder runs 1 + 4 + 4 + 4 frames: 4 chunks
     image = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     clean = inpaint_condition(pipe, shape, 13, image, [0])
-    spy = CallSpy(vae.encoder)
-
-    def interrupt_after_two_chunks():
-        if spy.calls >= 2:
-            raise Interrupted("cancel pressed")
-
-    try:
-        with cancel_check(interrupt_after_two_chunks), pytest.raises(Interrupted, match="cancel pressed"):
-            inpaint_condition(pipe, shape, 13, image, [0])
-    finally:
-        spy.remove()
-    assert spy.calls == 2
+    assert forwards_when_cancelled_after_two(vae.encoder, lambda: inpaint_condition(pipe, shape, 13, image, [0])) == 2
     assert torch.equal(inpaint_condition(pipe, shape, 13, image, [0]), clean)  # cache reset after the stop
 
 
