@@ -142,16 +142,9 @@ JPEG_LUMA_TABLE = (
     (49, 64, 78, 87, 103, 121, 120, 101),
     (72, 92, 95, 98, 112, 100, 103, 99),
 )
-JPEG_CHROMA_TABLE = (
-    (17, 18, 24, 47, 99, 99, 99, 99),
-    (18, 21, 26, 66, 99, 99, 99, 99),
-    (24, 26, 56, 99, 99, 99, 99, 99),
-    (47, 66, 99, 99, 99, 99, 99, 99),
-    (99, 99, 99, 99, 99, 99, 99, 99),
-    (99, 99, 99, 99, 99, 99, 99, 99),
-    (99, 99, 99, 99, 99, 99, 99, 99),
-    (99, 99, 99, 99, 99, 99, 99, 99),
-)
+# The chroma table is 99 everywhere but its top-left corner.
+_JPEG_CHROMA_CORNER = ((17, 18, 24, 47), (18, 21, 26, 66), (24, 26, 56, 99), (47, 66, 99, 99))
+JPEG_CHROMA_TABLE = tuple(row + (99,) * 4 for row in _JPEG_CHROMA_CORNER) + ((99,) * 8,) * 4
 
 
 def jpeg_quant_table(base: Sequence[Sequence[int]], quality: int) -> torch.Tensor:

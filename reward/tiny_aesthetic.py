@@ -48,45 +48,38 @@ def _save_folder_atomically(model, dest: Path) -> Path:
     return dest
 
 
+def _tiny_towers(text_positions: int, image_size: int) -> tuple[dict, dict]:
+    """Text and vision tower configs of the tiny backbones: 32 wide, one text layer, two vision
+    layers, patch 14 like both real backbones."""
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=text_positions, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    vision = dict(hidden_size=TINY_EMBED_WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=14)
+    return text, vision
+
+
+def _write_tiny_model(model_class, config, dest: str | os.PathLike, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = model_class(config)
+    _spread_weights(model, seed)
+    return _save_folder_atomically(model.eval(), Path(dest))
+
+
 def write_tiny_clip_folder(dest: str | os.PathLike, seed: int = 0) -> Path:
     """A tiny transformers CLIPModel folder laid out like openai/clip-vit-large-patch14 (224, patch 14)."""
     from transformers import CLIPConfig, CLIPModel
 
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=224, patch_size=14,
-        ),
-        projection_dim=TINY_EMBED_WIDTH,
-    )
-    torch.manual_seed(seed)
-    model = CLIPModel(config)
-    _spread_weights(model, seed)
-    return _save_folder_atomically(model.eval(), Path(dest))
+    text, vision = _tiny_towers(text_positions=77, image_size=224)
+    return _write_tiny_model(CLIPModel, CLIPConfig(text_config=text, vision_config=vision,
+                                                   projection_dim=TINY_EMBED_WIDTH), dest, seed)
 
 
 def write_tiny_siglip_folder(dest: str | os.PathLike, seed: int = 0) -> Path:
     """A tiny transformers SiglipModel folder laid out like google/siglip-so400m-patch14-384 (384, patch 14)."""
     from transformers import SiglipConfig, SiglipModel
 
-    config = SiglipConfig(
-        text_config=dict(
-            vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=TINY_EMBED_WIDTH, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, image_size=384, patch_size=14,
-        ),
-    )
-    torch.manual_seed(seed)
-    model = SiglipModel(config)
-    _spread_weights(model, seed)
-    return _save_folder_atomically(model.eval(), Path(dest))
+    text, vision = _tiny_towers(text_positions=64, image_size=384)
+    return _write_tiny_model(SiglipModel, SiglipConfig(text_config=text, vision_config=vision), dest, seed)
 
 
 def tiny_head_state_dict(version: str, in_width: int = TINY_EMBED_WIDTH, seed: int = 0) -> dict[str, torch.Tensor]:
