@@ -199,14 +199,13 @@ def empty_condition(pipe, shape) -> Condition | torch.Tensor | None:
     return None
 
 
-def resize_first_frame_apart(values: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-    """Trilinear resize of (B, C, F, H, W) to `size` (F', H', W'), frame 0 on its own: the Magvit VAE
-    encodes the first frame apart, so masks and camera maps are resized the same way."""
-    first = F.interpolate(values[:, :, :1], size=(1, *size[1:]), mode="trilinear", align_corners=False)
-    if size[0] == 1:
-        return first
-    rest = F.interpolate(values[:, :, 1:], size=(size[0] - 1, *size[1:]), mode="trilinear", align_corners=False)
-    return torch.cat([first, rest], dim=2)
+def resize_like_latents(values: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """Trilinear resize of (B, C, F, H, W) to a latent grid, frame 0 on its own: the Magvit VAE
+    encodes the first frame apart, so masks and camera maps are resized the same way. This is
+    diffusers' EasyAnimate `resize_mask`; only the latents' shape is needed, not their values."""
+    from diffusers.pipelines.easyanimate.pipeline_easyanimate_inpaint import resize_mask
+
+    return resize_mask(values, torch.empty(latent_shape, device="meta"))
 
 
 def _frames_to_video(frames: torch.Tensor, count: int, height: int, width: int, device) -> torch.Tensor:
@@ -235,6 +234,18 @@ def seeded_generator(seed: int, offset: int = 0) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((int(seed) + offset) % 2**64)
 
 
+def seeded_noise(shape, seeds: list[int], device, dtype: torch.dtype = torch.float32, offset: int = 0) -> torch.Tensor:
+    """Standard normal noise (len(seeds), *shape[1:]), row i from its own CPU generator
+    (`seeded_generator(seeds[i], offset)`): a seed draws the same noise on any device and in any
+    batch. Drawn in float32 by diffusers' `randn_tensor`, then cast to `dtype`."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generators = [seeded_generator(s, offset) for s in seeds]
+    noise = randn_tensor((len(seeds), *shape[1:]), generator=generators, device=torch.device(device),
+                         dtype=torch.float32)
+    return noise.to(dtype)
+
+
 @torch.no_grad()
 def inpaint_latents(pipe, shape, frames: int, start_images: torch.Tensor | None, seeds: list[int],
                     end_images: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,7 +253,7 @@ def inpaint_latents(pipe, shape, frames: int, start_images: torch.Tensor | None,
     0 for the start image, the last for the end image; every other frame -1)."""
     device, dtype = pipe.compute_device, pipe.dtype
     batch, _, lat_f, lat_h, lat_w = shape
-    height, width = lat_h * 8, lat_w * 8
+    height, width = lat_h * pipe.vae.spatial_compression_ratio, lat_w * pipe.vae.spatial_compression_ratio
     video = torch.full((batch, 3, frames, height, width), -1.0, device=device)
     keep = torch.zeros((batch, 1, frames, height, width), device=device)
     for index, image in ((0, start_images), (frames - 1, end_images)):
@@ -251,10 +262,10 @@ def inpaint_latents(pipe, shape, frames: int, start_images: torch.Tensor | None,
         video[:, :, index] = _frames_to_video(_image(image), 1, height, width, device)[:, :, 0].expand(batch, -1, -1, -1)
         keep[:, :, index] = 1.0
     if getattr(pipe.transformer.config, "add_noise_in_inpaint_model", False):
-        noise = torch.stack([torch.randn(video.shape[1:], generator=seeded_generator(s, 1)) for s in seeds]).to(device)
+        noise = seeded_noise(video.shape, seeds, device, offset=1)
         video = torch.where(video == -1, video, video + INPAINT_NOISE_RATIO * noise)
     masked = vae_encode(pipe, video)
-    mask = resize_first_frame_apart(keep, masked.shape[2:]) * pipe.vae.config.scaling_factor
+    mask = resize_like_latents(keep, masked.shape) * pipe.vae.config.scaling_factor
     return torch.cat([mask.to(dtype), masked], dim=1)
 
 
@@ -263,11 +274,11 @@ def control_latents(pipe, inputs: ModelInputs, request, shape) -> torch.Tensor:
     """Control (or camera) channels, then the reference slot where the model has one."""
     device, dtype = pipe.compute_device, pipe.dtype
     _, _, lat_f, lat_h, lat_w = shape
-    height, width = lat_h * 8, lat_w * 8
+    height, width = lat_h * pipe.vae.spatial_compression_ratio, lat_w * pipe.vae.spatial_compression_ratio
     parts = []
     if inputs.kind == CAMERA:
         rays = request.camera.plucker(width, height, request.frames)[None].to(device)
-        parts.append((resize_first_frame_apart(rays, (lat_f, lat_h, lat_w)) * CAMERA_SCALE).to(dtype))
+        parts.append((resize_like_latents(rays, shape) * CAMERA_SCALE).to(dtype))
     elif request.control_video is not None:
         parts.append(vae_encode(pipe, _frames_to_video(request.control_video, request.frames, height, width, device)))
     else:
@@ -309,7 +320,8 @@ def source_latents(pipe, request, shape) -> torch.Tensor | None:
     if request.video is None or float(request.denoise_strength) >= 1.0:
         return None
     _, _, _, lat_h, lat_w = shape
-    return vae_encode(pipe, _frames_to_video(request.video, request.frames, lat_h * 8, lat_w * 8,
+    return vae_encode(pipe, _frames_to_video(request.video, request.frames, lat_h * pipe.vae.spatial_compression_ratio,
+                                             lat_w * pipe.vae.spatial_compression_ratio,
                                              pipe.compute_device))
 
 

@@ -80,14 +80,20 @@ def check_guidance(guidance_scale: float) -> None:
         raise ValueError(f"cfg (guidance scale) must be a finite number, got {guidance_scale!r}")
 
 
-def latent_shape(batch: int, width: int, height: int, frames: int) -> tuple[int, ...]:
-    return (batch, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
+def latent_shape(batch: int, width: int, height: int, frames: int, vae=None) -> tuple[int, ...]:
+    """(B, C, F', H', W') of the latents of a video. From `vae` (an AutoencoderKLMagvit) its own
+    compression ratios and latent channels; without one the Magvit's of every EasyAnimate V5 / V5.1
+    model: 16 channels, 8x spatial, 4x temporal (the first frame apart)."""
+    if vae is None:
+        spatial, temporal, channels = 8, 4, LATENT_CHANNELS
+    else:
+        spatial, temporal, channels = vae.spatial_compression_ratio, vae.temporal_compression_ratio, vae.config.latent_channels
+    return (batch, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
 
 
 def initial_noise(shape, seeds: list[int], device, dtype) -> torch.Tensor:
     """One CPU generator per video: a seed gives the same video on any device and in any batch."""
-    noise = [torch.randn(shape[1:], generator=seeded_generator(s)) for s in seeds]
-    return torch.stack(noise).to(device, dtype)
+    return conditioning.seeded_noise(shape, seeds, device, dtype)
 
 
 @torch.no_grad()
@@ -263,7 +269,7 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
     seeds = [request.seed + i for i in range(request.videos)]
     cond, uncond = text or encode_request_prompts(pipe, request.prompt, request.negative_prompt,
                                                   request.guidance_scale)
-    shape = latent_shape(1, request.width, request.height, request.frames)
+    shape = latent_shape(1, request.width, request.height, request.frames, pipe.vae)
     with pipe.placement.use(pipe.vae if conditioning.needs_vae(request) else None):
         inpaints = conditioning.build_conditions(pipe, request, shape, seeds)
         source = conditioning.source_latents(pipe, request, shape)  # video-to-video

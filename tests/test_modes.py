@@ -259,7 +259,7 @@ def test_camera_conditioning_reaches_the_transformer(pipes):
     latents = spy.calls[0]["control_latents"]
     assert latents.shape == (1, 6 + 16, 2, 4, 4)
     rays = camera.plucker(32, 32, 5)[None]
-    expected = conditioning.resize_first_frame_apart(rays, (2, 4, 4)) * CAMERA_SCALE
+    expected = conditioning.resize_like_latents(rays, (1, 16, 2, 4, 4)) * CAMERA_SCALE
     assert torch.allclose(latents[:, :6], expected)
     assert torch.allclose(latents[:, 6:, :1],
                           conditioning.vae_encode(pipe, conditioning._frames_to_video(ref[None], 1, 32, 32, "cpu")))
