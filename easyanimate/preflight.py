@@ -87,7 +87,9 @@ def _bytes_to_bring(module, device: torch.device, mode: str) -> int:
 
 
 def _latents(width: int, height: int, frames: int) -> tuple[int, int, int]:
-    return (frames - 1) // 4 + 1, height // 8, width // 8
+    from .sampling import latent_shape  # (sampling imports this module)
+
+    return latent_shape(1, width, height, frames)[2:]
 
 
 def _text_estimate(pipe) -> int:
