@@ -6,6 +6,7 @@ Used for reward-per-frame plots and for reward/loss curves during training.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -67,6 +68,94 @@ def _value_range(series: Mapping[str, Sequence[float]]) -> tuple[float, float]:
     return low - pad, high + pad
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """Where the plot area sits in the image and how data maps onto it."""
+
+    left: int
+    right: int
+    top: int
+    bottom: int
+    low: float
+    high: float
+    length: int  # points of the longest series
+
+    def to_px(self, index: float, value: float) -> tuple[float, float]:
+        plot_w, plot_h = max(self.right - self.left, 1), max(self.bottom - self.top, 1)
+        x = self.left + plot_w * (index / max(self.length - 1, 1) if self.length > 1 else 0.5)
+        y = self.bottom - plot_h * (value - self.low) / (self.high - self.low)
+        return x, y
+
+
+def _draw_axes(draw: ImageDraw.ImageDraw, frame: _Frame, y_ticks: Sequence[float], tick_labels: Sequence[str],
+               font) -> None:
+    """Grid and y tick labels, about 8 integer x ticks, the plot's box."""
+    for value, label in zip(y_ticks, tick_labels):
+        _, y = frame.to_px(0, value)
+        draw.line([(frame.left, y), (frame.right, y)], fill=GRID, width=1)
+        draw.text((frame.left - 6 - _text_width(draw, label, font), y - 7), label, fill=AXIS, font=font)
+    step = max(1, math.ceil(frame.length / 8))
+    for index in range(0, frame.length, step):
+        x, _ = frame.to_px(index, frame.low)
+        draw.line([(x, frame.bottom), (x, frame.bottom + 4)], fill=AXIS, width=1)
+        label = str(index)
+        draw.text((x - _text_width(draw, label, font) / 2, frame.bottom + 5), label, fill=AXIS, font=font)
+    draw.rectangle([frame.left, frame.top, frame.right, frame.bottom], outline=AXIS, width=1)
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, frame: _Frame, series: Mapping[str, Sequence[float]]) -> None:
+    """One line per series, broken at non-finite values; a lone finite point is a dot."""
+    for number, values in enumerate(series.values()):
+        colour = PALETTE[number % len(PALETTE)]
+        run: list[tuple[float, float]] = []
+        for index, value in enumerate(list(values) + [float("nan")]):
+            if value is not None and math.isfinite(float(value)):
+                run.append(frame.to_px(index, float(value)))
+                continue
+            if len(run) > 1:
+                draw.line(run, fill=colour, width=2, joint="curve")
+            for x, y in run if len(run) == 1 else ():
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            run = []
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, frame: _Frame, series: Mapping[str, Sequence[float]], font) -> None:
+    """Top right, inside the plot, when some series has a name."""
+    names = [n for n in series if n]
+    if not names:
+        return
+    line_h = 16
+    legend_w = max(_text_width(draw, n, font) for n in names) + 30
+    x0 = frame.right - legend_w - 6
+    y0 = frame.top + 6
+    draw.rectangle([x0, y0, frame.right - 6, y0 + line_h * len(names) + 4], fill=BACKGROUND, outline=GRID)
+    for number, name in enumerate(series):
+        if not name:
+            continue
+        colour = PALETTE[number % len(PALETTE)]
+        y = y0 + 4 + line_h * number
+        draw.line([(x0 + 6, y + 7), (x0 + 20, y + 7)], fill=colour, width=3)
+        draw.text((x0 + 24, y), name, fill=AXIS, font=font)
+
+
+def _draw_titles(image: Image.Image, draw: ImageDraw.ImageDraw, frame: _Frame, title: str, xlabel: str, ylabel: str,
+                 font, title_font) -> None:
+    width, height = image.size
+    if title:
+        draw.text(((width - _text_width(draw, title, title_font)) / 2, 6), title, fill=AXIS, font=title_font)
+    if xlabel:
+        draw.text(((frame.left + frame.right - _text_width(draw, xlabel, font)) / 2, height - 17), xlabel, fill=AXIS,
+                  font=font)
+    if ylabel:
+        # Vertical label: draw on a small canvas and rotate.
+        label_w = _text_width(draw, ylabel, font) + 4
+        canvas = Image.new("RGB", (label_w, 16), BACKGROUND)
+        ImageDraw.Draw(canvas).text((2, 1), ylabel, fill=AXIS, font=font)
+        rotated = canvas.rotate(90, expand=True)
+        plot_h = max(frame.bottom - frame.top, 1)
+        image.paste(rotated, (2, int(frame.top + (plot_h - rotated.height) / 2)))
+
+
 def plot_series(
     series: Mapping[str, Sequence[float]],
     title: str = "",
@@ -88,75 +177,12 @@ def plot_series(
     y_ticks = nice_ticks(low, high)
     tick_labels = [format_tick(v) for v in y_ticks]
     label_width = max([_text_width(draw, t, font) for t in tick_labels] + [0])
-    left = 14 + label_width + (16 if ylabel else 0)
-    right = width - 12
-    top = 28 if title else 12
-    bottom = height - (36 if xlabel else 24)
-    plot_w, plot_h = max(right - left, 1), max(bottom - top, 1)
-
-    length = max([len(v) for v in series.values()] + [1])
-    x_span = max(length - 1, 1)
-
-    def to_px(index: float, value: float) -> tuple[float, float]:
-        x = left + plot_w * (index / x_span if length > 1 else 0.5)
-        y = bottom - plot_h * (value - low) / (high - low)
-        return x, y
-
-    # Grid and y tick labels.
-    for value, label in zip(y_ticks, tick_labels):
-        _, y = to_px(0, value)
-        draw.line([(left, y), (right, y)], fill=GRID, width=1)
-        draw.text((left - 6 - _text_width(draw, label, font), y - 7), label, fill=AXIS, font=font)
-    # x tick labels: integer indices, about 8 of them.
-    step = max(1, math.ceil(length / 8))
-    for index in range(0, length, step):
-        x, _ = to_px(index, low)
-        draw.line([(x, bottom), (x, bottom + 4)], fill=AXIS, width=1)
-        label = str(index)
-        draw.text((x - _text_width(draw, label, font) / 2, bottom + 5), label, fill=AXIS, font=font)
-    draw.rectangle([left, top, right, bottom], outline=AXIS, width=1)
-
-    # Lines (broken at non-finite values).
-    for number, (name, values) in enumerate(series.items()):
-        colour = PALETTE[number % len(PALETTE)]
-        run: list[tuple[float, float]] = []
-        for index, value in enumerate(list(values) + [float("nan")]):
-            if value is not None and math.isfinite(float(value)):
-                run.append(to_px(index, float(value)))
-                continue
-            if len(run) > 1:
-                draw.line(run, fill=colour, width=2, joint="curve")
-            for x, y in run if len(run) == 1 else ():
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-            run = []
-
-    # Legend (top right, inside the plot) when there is more than one series or a named one.
-    names = [n for n in series if n]
-    if names:
-        line_h = 16
-        legend_w = max(_text_width(draw, n, font) for n in names) + 30
-        x0 = right - legend_w - 6
-        y0 = top + 6
-        draw.rectangle([x0, y0, right - 6, y0 + line_h * len(names) + 4], fill=BACKGROUND, outline=GRID)
-        for number, name in enumerate(series):
-            if not name:
-                continue
-            colour = PALETTE[number % len(PALETTE)]
-            y = y0 + 4 + line_h * number
-            draw.line([(x0 + 6, y + 7), (x0 + 20, y + 7)], fill=colour, width=3)
-            draw.text((x0 + 24, y), name, fill=AXIS, font=font)
-
-    if title:
-        draw.text(((width - _text_width(draw, title, title_font)) / 2, 6), title, fill=AXIS, font=title_font)
-    if xlabel:
-        draw.text(((left + right - _text_width(draw, xlabel, font)) / 2, height - 17), xlabel, fill=AXIS, font=font)
-    if ylabel:
-        # Vertical label: draw on a small canvas and rotate.
-        label_w = _text_width(draw, ylabel, font) + 4
-        canvas = Image.new("RGB", (label_w, 16), BACKGROUND)
-        ImageDraw.Draw(canvas).text((2, 1), ylabel, fill=AXIS, font=font)
-        rotated = canvas.rotate(90, expand=True)
-        image.paste(rotated, (2, int(top + (plot_h - rotated.height) / 2)))
-
+    frame = _Frame(left=14 + label_width + (16 if ylabel else 0), right=width - 12, top=28 if title else 12,
+                   bottom=height - (36 if xlabel else 24), low=low, high=high,
+                   length=max([len(v) for v in series.values()] + [1]))
+    _draw_axes(draw, frame, y_ticks, tick_labels, font)
+    _draw_lines(draw, frame, series)
+    _draw_legend(draw, frame, series, font)
+    _draw_titles(image, draw, frame, title, xlabel, ylabel, font, title_font)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array.copy()).unsqueeze(0)
