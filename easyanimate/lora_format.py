@@ -180,6 +180,8 @@ class _RawEntry:
 
 
 def _group_keys(path: Path, tensors: dict[str, torch.Tensor]):
+    """The file's keys grouped into entries: ({name: transformer entry}, {name: text-encoder
+    entry}, "kohya" | "peft" | None), checked by _check_grouped."""
     transformer: dict[str, _RawEntry] = {}
     text_encoder: dict[str, _RawEntry] = {}
     skipped_te2 = 0
@@ -216,6 +218,17 @@ def _group_keys(path: Path, tensors: dict[str, torch.Tensor]):
             alphas[m["path"]] = float(value.float().item())
             continue
         unknown.append(key)
+    _check_grouped(path, tensors, transformer, text_encoder, unknown, skipped_te2)
+    for name, alpha in alphas.items():
+        if name in transformer:
+            transformer[name].alpha = alpha
+    return transformer, text_encoder, fmt
+
+
+def _check_grouped(path: Path, tensors: dict[str, torch.Tensor], transformer: dict[str, _RawEntry],
+                   text_encoder: dict[str, _RawEntry], unknown: list[str], skipped_te2: int) -> None:
+    """Refuses a file with nothing for the transformer, with keys other than down/up/alpha, or with
+    an entry lacking a factor or holding non-2-D ones."""
     if not transformer and not text_encoder:
         if skipped_te2:
             raise LoraMismatchError(f"{path} only has keys for a second text encoder (lora_te2_); "
@@ -227,9 +240,6 @@ def _group_keys(path: Path, tensors: dict[str, torch.Tensor]):
             f"(DoRA, LoHa, LoKr and bias updates are not supported): {', '.join(sorted(unknown)[:5])}")
     if skipped_te2:
         log.warning("%s: ignoring %d lora_te2_ keys (second text encoder is not patched)", path, skipped_te2)
-    for name, alpha in alphas.items():
-        if name in transformer:
-            transformer[name].alpha = alpha
     for entries in (transformer, text_encoder):
         for entry in entries.values():
             if entry.down is None or entry.up is None:
@@ -239,7 +249,6 @@ def _group_keys(path: Path, tensors: dict[str, torch.Tensor]):
                 raise LoraMismatchError(
                     f"{path}: LoRA target {entry.name!r} has {entry.down.ndim}-D tensors; only Linear "
                     "LoRAs (2-D down/up) are supported")
-    return transformer, text_encoder, fmt
 
 
 def _peft_alpha_config(path: Path, metadata: dict[str, str]) -> tuple[float | None, dict[str, float]]:
@@ -354,37 +363,60 @@ def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> LoraWeigh
     raw, raw_te, fmt = _group_keys(path, tensors)
     del tensors
     targets = lora_target_modules(transformer)
-    table = flat_name_table(transformer)
-    default_alpha, alpha_pattern = (None, {})
-    if fmt == "peft":
-        default_alpha, alpha_pattern = _peft_alpha_config(path, metadata)
+    match = _match_modules(path, raw, targets, flat_name_table(transformer), fmt, metadata)
+    if match.unmatched or match.wrong_shapes or not match.modules:
+        raise LoraMismatchError(_mismatch_message(path, raw, match, transformer))
+    if match.skipped:
+        log.warning("%s: skipping %d LoRA modules of original-only layers (%s)", path, len(match.skipped),
+                    match.skipped[0])
+    _check_coverage(path, match.modules, targets, metadata)
+    text_encoder_modules = _text_encoder_modules(path, raw_te)
+    return LoraWeights(match.modules, text_encoder_modules, source=str(path), format=fmt or "kohya",
+                       metadata=metadata)
 
-    modules: dict[str, LoraModule] = {}
-    unmatched, skipped, wrong_shapes = [], [], []
+
+@dataclass
+class _Match:
+    """The file's transformer entries sorted out against the model."""
+
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # diffusers path -> LoRA, shapes checked
+    unmatched: list[str] = field(default_factory=list)  # names with no Linear of this model
+    skipped: list[str] = field(default_factory=list)  # layers only the original EasyAnimate code has
+    wrong_shapes: list[str] = field(default_factory=list)  # one line per entry that does not fit
+
+
+def _resolve_path(entry: _RawEntry, targets: Mapping[str, nn.Module], table: Mapping[str, str]
+                  ) -> tuple[str | None, bool]:
+    """(diffusers module path or None, whether the entry targets an original-only layer)."""
+    if entry.dotted:
+        dotted = _strip_peft_prefix(entry.name)
+        module_path = dotted if dotted in targets else original_to_diffusers(dotted)
+        return module_path, module_path not in targets and is_original_only(diffusers_to_original(module_path))
+    module_path = table.get(entry.name)
+    return module_path, module_path not in targets and bool(_ORIGINAL_ONLY_FLAT.match(entry.name))
+
+
+def _shape_problem(entry: _RawEntry, module_path: str, linear: nn.Module) -> str | None:
+    if entry.down.shape[0] != entry.up.shape[1]:
+        return f"{module_path}: down {tuple(entry.down.shape)} and up {tuple(entry.up.shape)} disagree on the rank"
+    if entry.down.shape[1] != linear.in_features or entry.up.shape[0] != linear.out_features:
+        return (f"{module_path}: LoRA {entry.down.shape[1]}->{entry.up.shape[0]} vs model "
+                f"{linear.in_features}->{linear.out_features}")
+    return None
+
+
+def _match_modules(path: Path, raw: Mapping[str, _RawEntry], targets: Mapping[str, nn.Module],
+                   table: Mapping[str, str], fmt: str | None, metadata: dict[str, str]) -> _Match:
+    default_alpha, alpha_pattern = _peft_alpha_config(path, metadata) if fmt == "peft" else (None, {})
+    match = _Match()
     for entry in raw.values():
-        if entry.dotted:
-            dotted = _strip_peft_prefix(entry.name)
-            module_path = dotted if dotted in targets else original_to_diffusers(dotted)
-            original_path = diffusers_to_original(module_path)
-        else:
-            module_path = table.get(entry.name)
-            original_path = None
+        module_path, original_only = _resolve_path(entry, targets, table)
         if module_path not in targets:
-            if entry.dotted and is_original_only(original_path):
-                skipped.append(entry.name)
-            elif not entry.dotted and _ORIGINAL_ONLY_FLAT.match(entry.name):
-                skipped.append(entry.name)
-            else:
-                unmatched.append(entry.name)
+            (match.skipped if original_only else match.unmatched).append(entry.name)
             continue
-        linear = targets[module_path]
-        if entry.down.shape[0] != entry.up.shape[1]:
-            wrong_shapes.append(f"{module_path}: down {tuple(entry.down.shape)} and up {tuple(entry.up.shape)} "
-                                "disagree on the rank")
-            continue
-        if entry.down.shape[1] != linear.in_features or entry.up.shape[0] != linear.out_features:
-            wrong_shapes.append(f"{module_path}: LoRA {entry.down.shape[1]}->{entry.up.shape[0]} vs model "
-                                f"{linear.in_features}->{linear.out_features}")
+        problem = _shape_problem(entry, module_path, targets[module_path])
+        if problem is not None:
+            match.wrong_shapes.append(problem)
             continue
         alpha = entry.alpha
         if alpha is None and fmt == "peft":
@@ -392,38 +424,38 @@ def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> LoraWeigh
         if alpha is None:
             alpha = float(entry.down.shape[0])  # no alpha anywhere: scale 1, as the reference merge does
         _check_values(path, entry.name, entry.down, entry.up, alpha)
-        modules[module_path] = LoraModule(entry.down, entry.up, float(alpha))
+        match.modules[module_path] = LoraModule(entry.down, entry.up, float(alpha))
+    return match
 
-    if unmatched or wrong_shapes or not modules:
-        total = len(raw)
-        parts = [f"LoRA {path.name} does not fit the loaded EasyAnimate transformer: "
-                 f"{len(modules)} of {total} LoRA modules match by name and shape"]
-        if unmatched:
-            parts.append(f"{len(unmatched)} names have no module in this model (e.g. {', '.join(sorted(unmatched)[:3])})")
-        if wrong_shapes:
-            parts.append(f"{len(wrong_shapes)} shapes differ (e.g. {'; '.join(wrong_shapes[:3])})")
-        parts.append(f"the file looks made for: {_size_words(_shape_summary_from_flat(_flat_shapes(raw)))}")
-        parts.append(f"the loaded model is: {describe_transformer(transformer)}")
-        if len(modules) == 0 and unmatched and not any(n.startswith("transformer_blocks") for n in
-                                                        (flatten(_strip_peft_prefix(u)) for u in unmatched)):
-            parts.append("the names do not look like EasyAnimate at all: it was probably made for another architecture")
-        raise LoraMismatchError("; ".join(parts) + ".")
-    if skipped:
-        log.warning("%s: skipping %d LoRA modules of original-only layers (%s)", path, len(skipped), skipped[0])
-    _check_coverage(path, modules, targets, metadata)
+
+def _mismatch_message(path: Path, raw: Mapping[str, _RawEntry], match: _Match, transformer: nn.Module) -> str:
+    parts = [f"LoRA {path.name} does not fit the loaded EasyAnimate transformer: "
+             f"{len(match.modules)} of {len(raw)} LoRA modules match by name and shape"]
+    if match.unmatched:
+        parts.append(f"{len(match.unmatched)} names have no module in this model "
+                     f"(e.g. {', '.join(sorted(match.unmatched)[:3])})")
+    if match.wrong_shapes:
+        parts.append(f"{len(match.wrong_shapes)} shapes differ (e.g. {'; '.join(match.wrong_shapes[:3])})")
+    parts.append(f"the file looks made for: {_size_words(_shape_summary_from_flat(_flat_shapes(raw)))}")
+    parts.append(f"the loaded model is: {describe_transformer(transformer)}")
+    if not match.modules and match.unmatched and not any(
+            n.startswith("transformer_blocks") for n in (flatten(_strip_peft_prefix(u)) for u in match.unmatched)):
+        parts.append("the names do not look like EasyAnimate at all: it was probably made for another architecture")
+    return "; ".join(parts) + "."
+
+
+def _text_encoder_modules(path: Path, raw_te: Mapping[str, _RawEntry]) -> dict[str, LoraModule]:
+    """The lora_te_ part, checked and kept (saved again on export); the sampler patches only the
+    transformer."""
+    modules = {}
     for entry in raw_te.values():
-        _check_values(path, entry.name, entry.down, entry.up,
-                      entry.alpha if entry.alpha is not None else entry.down.shape[0])
-
-    text_encoder_modules = {
-        e.name: LoraModule(e.down, e.up, float(e.alpha if e.alpha is not None else e.down.shape[0]))
-        for e in raw_te.values()
-    }
-    if text_encoder_modules:
-        # Kept in LoraWeights (saved again on export) but the sampler patches only the transformer.
+        alpha = entry.alpha if entry.alpha is not None else entry.down.shape[0]
+        _check_values(path, entry.name, entry.down, entry.up, alpha)
+        modules[entry.name] = LoraModule(entry.down, entry.up, float(alpha))
+    if modules:
         log.warning("%s: %d text-encoder modules (lora_te_) are not applied; only the transformer part is",
-                    path, len(text_encoder_modules))
-    return LoraWeights(modules, text_encoder_modules, source=str(path), format=fmt or "kohya", metadata=metadata)
+                    path, len(modules))
+    return modules
 
 
 def _check_values(path: Path, name: str, down: torch.Tensor, up: torch.Tensor, alpha) -> None:
