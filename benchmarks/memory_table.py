@@ -646,6 +646,50 @@ def build_hps_reward():
     return HPSReward(model, open_clip_tokenizer(), "squash", name="hps_v2.1")
 
 
+def _training_pipe(name: str, num_layers: int | None, device: str):
+    """A pipe of the full-size transformer (or `num_layers` of its blocks) and VAE, no text encoders."""
+    from diffusers import EasyAnimateTransformer3DModel
+
+    config = dict(TRANSFORMERS[name])
+    if num_layers:
+        config.update(num_layers=num_layers, mmdit_layers=num_layers)
+    with default_dtype(torch.bfloat16):
+        transformer = EasyAnimateTransformer3DModel(**config).requires_grad_(False).eval()
+    parts = {"transformer": transformer, "vae": build_vae(), "text_encoder": None, "text_encoder_2": None,
+             "tokenizer": None, "tokenizer_2": None}
+    return make_pipe(name, "model_cpu_offload", parts, device)
+
+
+def _error_summary(e: Exception) -> str:
+    import traceback
+
+    where = [f for f in traceback.extract_tb(e.__traceback__) if "site-packages/torch" not in f.filename]
+    return f"{type(e).__name__}: {str(e)[:200]} (at {[(Path(f.filename).name, f.lineno) for f in where[-4:]]})"
+
+
+def _measured_train_step(trainer, pipe, counter: "LiveBytes", checkpointing: bool, eight_bit: bool
+                         ) -> tuple[int, int]:
+    """One training step of `trainer` counted by `counter` -> (LoRA bytes, bytes before the rollout)."""
+    from easyanimate_reward.training.rollout import enable_gradient_checkpointing, hold_on_device
+
+    trainer._freeze_frozen_parts()
+    trainer._build_lora()
+    if eight_bit:
+        trainer.optimizer = SimulatedAdamW8bit(trainer.lora.parameters())
+    _prime_optimizer(trainer)  # steady state: the moments exist during the rollout
+    lora_bytes = sum(p.numel() * p.element_size() for p in trainer.lora.parameters())
+    state_bytes = counter.now - 0
+    restore = enable_gradient_checkpointing(pipe) if checkpointing else (lambda: None)
+    trainer.lora.attach(pipe.transformer)
+    try:
+        with hold_on_device(pipe) as held, _scheduler_without_lookups():
+            _train_step(trainer, held, _Bank(pipe))
+    finally:
+        trainer.lora.detach()
+        restore()
+    return lora_bytes, state_bytes
+
+
 def simulate_training(name: str, variants, size=TRAIN_SIZE, num_layers: int | None = None, log=print,
                       fake: bool = True, device: str = "cpu") -> list[dict]:
     """The trainer's own step (rollout with the chosen grad steps, decode of 1 latent, HPS v2.1,
@@ -653,7 +697,6 @@ def simulate_training(name: str, variants, size=TRAIN_SIZE, num_layers: int | No
     run under no_grad and keep nothing, so memory does not depend on their number."""
     from easyanimate_reward.easyanimate.model import EasyAnimateModel
     from easyanimate_reward.training.config import TrainConfig
-    from easyanimate_reward.training.rollout import enable_gradient_checkpointing, hold_on_device
     from easyanimate_reward.training.trainer import RewardLoRATrainer
 
     rows = []
@@ -662,46 +705,20 @@ def simulate_training(name: str, variants, size=TRAIN_SIZE, num_layers: int | No
         started = time.perf_counter()
         counter = LiveBytes()
         with fake_mode() if fake else contextlib.nullcontext():
-            config = dict(TRANSFORMERS[name])
-            if num_layers:
-                config.update(num_layers=num_layers, mmdit_layers=num_layers)
-            from diffusers import EasyAnimateTransformer3DModel
-
-            with default_dtype(torch.bfloat16):
-                transformer = EasyAnimateTransformer3DModel(**config).requires_grad_(False).eval()
-            parts = {"transformer": transformer, "vae": build_vae(), "text_encoder": None, "text_encoder_2": None,
-                     "tokenizer": None, "tokenizer_2": None}
-            pipe = make_pipe(name, "model_cpu_offload", parts, device)
+            pipe = _training_pipe(name, num_layers, device)
             reward = build_hps_reward()
-            weights = module_bytes(transformer) + module_bytes(parts["vae"]) + module_bytes(reward)
+            weights = module_bytes(pipe.transformer) + module_bytes(pipe.vae) + module_bytes(reward)
             train_config = TrainConfig(width=w, height=h, frames=f, sampling_steps=k + 1, backprop=backprop,
                                        backprop_k=k, gradient_checkpointing=checkpointing, train_steps=1,
                                        save_every=0)
-            extra = _memory_options(train_config, offload, eight_bit)
+            _memory_options(train_config, offload, eight_bit)  # sets the TrainConfig fields
             trainer = RewardLoRATrainer(EasyAnimateModel(pipe), reward, ["a cat playing piano"], train_config)
-            error = None
+            error, lora_bytes, state_bytes = None, 0, 0
             with counter, (simulated_activation_offload(counter) if offload else contextlib.nullcontext()):
                 try:
-                    trainer._freeze_frozen_parts()
-                    trainer._build_lora()
-                    if eight_bit:
-                        trainer.optimizer = SimulatedAdamW8bit(trainer.lora.parameters())
-                    _prime_optimizer(trainer)  # steady state: the moments exist during the rollout
-                    lora_bytes = sum(p.numel() * p.element_size() for p in trainer.lora.parameters())
-                    state_bytes = counter.now - 0
-                    restore = enable_gradient_checkpointing(pipe) if checkpointing else (lambda: None)
-                    trainer.lora.attach(pipe.transformer)
-                    try:
-                        with hold_on_device(pipe) as held, _scheduler_without_lookups():
-                            _train_step(trainer, held, _Bank(pipe))
-                    finally:
-                        trainer.lora.detach()
-                        restore()
+                    lora_bytes, state_bytes = _measured_train_step(trainer, pipe, counter, checkpointing, eight_bit)
                 except Exception as e:  # noqa: BLE001 - reported in the output
-                    import traceback
-
-                    where = [f for f in traceback.extract_tb(e.__traceback__) if "site-packages/torch" not in f.filename]
-                    error = f"{type(e).__name__}: {str(e)[:200]} (at {[(Path(f.filename).name, f.lineno) for f in where[-4:]]})"
+                    error = _error_summary(e)
         row = {"label": label, "weights": weights, "lora": lora_bytes if error is None else 0,
                "state": state_bytes if error is None else 0, "activations": counter.peak,
                "host": counter.host_peak, "seconds": time.perf_counter() - started, "error": error}
