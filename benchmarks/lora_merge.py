@@ -298,7 +298,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (each ~490 MB in bf16)")
     parser.add_argument("--rank", type=int, default=128)
@@ -311,7 +311,105 @@ def main(argv=None) -> None:
                         help="only the interleaved strength-change comparison (skip the single-shot phases)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the transformer's weights live (backups always stay in CPU RAM)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def single_shot_phases(model, lora_path: Path, table, base, device):
+    """Load, first merge, strength change and restore, ours then naive, with the speed-ups and the
+    naive drift after one round trip. Returns the loaded LoRA."""
+    print("\nours (LoraPatcher, fused):")
+    patcher = LoraPatcher()
+    with PeakRSS(device) as load:
+        weights = load_lora_file(lora_path, model)
+    print(fmt_row("load + validate file (once)", load))
+    with PeakRSS(device) as ours_first:
+        patcher.sync(model, (AppliedLora("r", weights, 0.7),))
+    print(fmt_row("(a) first merge at 0.7", ours_first))
+    with PeakRSS(device) as ours_change:
+        patcher.sync(model, (AppliedLora("r", weights, 0.4),))
+    print(fmt_row("(b) strength 0.7 -> 0.4", ours_change))
+    ours_04 = snapshot(model)
+    backup_gib = patcher.backup_bytes / 2**30
+    with PeakRSS(device) as ours_restore:
+        patcher.sync(model, ())
+    print(fmt_row("(c) restore", ours_restore))
+    print(f"  CPU backup held while patched: {backup_gib:.2f} GiB (freed on restore: "
+          f"{patcher.backup_bytes / 2**30:.2f} GiB left)")
+    drift_ours, _ = max_drift(model, base)
+    assert drift_ours == 0.0
+
+    print("\nnaive (re-read file, merge per key; unmerge by subtracting):")
+    with PeakRSS(device) as naive_first:
+        naive_merge(model, lora_path, 0.7, table)
+    print(fmt_row("(a) first merge at 0.7", naive_first))
+    with PeakRSS(device) as naive_change:
+        naive_unmerge(model, lora_path, 0.7, table)
+        naive_merge(model, lora_path, 0.4, table)
+    print(fmt_row("(b) strength 0.7 -> 0.4", naive_change))
+    naive_vs_ours, _ = max_drift(model, ours_04)
+    with PeakRSS(device) as naive_restore:
+        naive_unmerge(model, lora_path, 0.4, table)
+    print(fmt_row("(c) restore (unmerge)", naive_restore))
+    naive_after_one, changed_one = max_drift(model, base)
+
+    print(f"\nstrength change speed-up: {naive_change.seconds / ours_change.seconds:.1f}x "
+          f"(naive {naive_change.seconds:.2f} s / ours {ours_change.seconds:.2f} s; target >= 3x)")
+    print(f"first merge speed-up:     {naive_first.seconds / ours_first.seconds:.1f}x")
+    print(f"restore speed-up:         {naive_restore.seconds / ours_restore.seconds:.1f}x")
+    print(f"naive 0.4 weights vs ours: max abs diff {naive_vs_ours:.3g}")
+    print(f"after one merge/change/unmerge the naive base has drifted: max abs {naive_after_one:.3g}, "
+          f"{changed_one} of {sum(t.numel() for t in base.values())} weights changed")
+    return weights
+
+
+def _restore_base(model, base) -> None:
+    for name, t in base.items():
+        model.get_submodule(name).weight.data.copy_(t)
+
+
+def print_drift(model, weights, lora_path: Path, table, base, device, changes: int) -> None:
+    """Drift after many strength changes, ours vs naive, on a subset of full-width modules (quick)."""
+    drift_set = {"transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.add_k_proj"}
+    rng = random.Random(0)
+    strengths = [round(rng.uniform(0.1, 1.0), 3) for _ in range(changes)]
+    sub_weights = type(weights)({p: weights.modules[p] for p in drift_set}, source=weights.source)
+    _restore_base(model, base)  # start both from the exact base
+    patcher = LoraPatcher()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for s in strengths:
+        patcher.sync(model, (AppliedLora("r", sub_weights, s),))
+    patcher.sync(model, ())
+    synchronize(device)
+    ours_loop = time.perf_counter() - t0
+    drift_ours, changed_ours = max_drift(model, {n: base[n] for n in drift_set})
+
+    state = load_file(str(lora_path))  # arithmetic only: skip the disk reads in this loop
+    synchronize(device)
+    t0 = time.perf_counter()
+    previous = None
+    for s in strengths:
+        if previous is not None:
+            naive_unmerge(model, None, previous, table, state, drift_set)
+        naive_merge(model, None, s, table, state, drift_set)
+        previous = s
+    naive_unmerge(model, None, previous, table, state, drift_set)
+    synchronize(device)
+    naive_loop = time.perf_counter() - t0
+    drift_naive, changed_naive = max_drift(model, {n: base[n] for n in drift_set})
+    n_drift = sum(base[n].numel() for n in drift_set)
+    print(f"\nafter {changes} strength changes + removal ({len(drift_set)} full-width modules, "
+          f"{n_drift / 1e6:.0f} M weights):")
+    print(f"  ours : max abs drift {drift_ours:.3g}, {changed_ours} weights differ from the base "
+          f"({ours_loop:.1f} s)")
+    print(f"  naive: max abs drift {drift_naive:.3g}, {changed_naive} weights differ from the base "
+          f"({naive_loop:.1f} s)")
+    del state, sub_weights
+    gc.collect()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -333,100 +431,16 @@ def main(argv=None) -> None:
         print(f"LoRA: rank {args.rank}, alpha {args.alpha:g}, {n_modules} Linear modules, "
               f"{lora_path.stat().st_size / 2**20:.0f} MiB on disk (in the page cache)")
         base = snapshot(model)
-
         if args.interleaved_only:
             weights = load_lora_file(lora_path, model)
             print_interleaved(model, weights, lora_path, table, args.repeats, device)
             return
-        # ---- ours
-        print("\nours (LoraPatcher, fused):")
-        patcher = LoraPatcher()
-        with PeakRSS(device) as load:
-            weights = load_lora_file(lora_path, model)
-        print(fmt_row("load + validate file (once)", load))
-        with PeakRSS(device) as ours_first:
-            patcher.sync(model, (AppliedLora("r", weights, 0.7),))
-        print(fmt_row("(a) first merge at 0.7", ours_first))
-        with PeakRSS(device) as ours_change:
-            patcher.sync(model, (AppliedLora("r", weights, 0.4),))
-        print(fmt_row("(b) strength 0.7 -> 0.4", ours_change))
-        ours_04 = snapshot(model)
-        backup_gib = patcher.backup_bytes / 2**30
-        with PeakRSS(device) as ours_restore:
-            patcher.sync(model, ())
-        print(fmt_row("(c) restore", ours_restore))
-        print(f"  CPU backup held while patched: {backup_gib:.2f} GiB (freed on restore: "
-              f"{patcher.backup_bytes / 2**30:.2f} GiB left)")
-        drift_ours, _ = max_drift(model, base)
-        assert drift_ours == 0.0
-
-        # ---- naive
-        print("\nnaive (re-read file, merge per key; unmerge by subtracting):")
-        with PeakRSS(device) as naive_first:
-            naive_merge(model, lora_path, 0.7, table)
-        print(fmt_row("(a) first merge at 0.7", naive_first))
-        with PeakRSS(device) as naive_change:
-            naive_unmerge(model, lora_path, 0.7, table)
-            naive_merge(model, lora_path, 0.4, table)
-        print(fmt_row("(b) strength 0.7 -> 0.4", naive_change))
-        naive_vs_ours, _ = max_drift(model, ours_04)
-        with PeakRSS(device) as naive_restore:
-            naive_unmerge(model, lora_path, 0.4, table)
-        print(fmt_row("(c) restore (unmerge)", naive_restore))
-        naive_after_one, changed_one = max_drift(model, base)
-
-        print(f"\nstrength change speed-up: {naive_change.seconds / ours_change.seconds:.1f}x "
-              f"(naive {naive_change.seconds:.2f} s / ours {ours_change.seconds:.2f} s; target >= 3x)")
-        print(f"first merge speed-up:     {naive_first.seconds / ours_first.seconds:.1f}x")
-        print(f"restore speed-up:         {naive_restore.seconds / ours_restore.seconds:.1f}x")
-        print(f"naive 0.4 weights vs ours: max abs diff {naive_vs_ours:.3g}")
-        print(f"after one merge/change/unmerge the naive base has drifted: max abs {naive_after_one:.3g}, "
-              f"{changed_one} of {sum(t.numel() for t in base.values())} weights changed")
-
-        # ---- strength change vs what users actually have, interleaved repeats
+        weights = single_shot_phases(model, lora_path, table, base, device)
+        # strength change vs what users actually have, interleaved repeats
         print_interleaved(model, weights, lora_path, table, args.repeats, device)
-        for name in base:  # back to the exact base before the drift loop
-            model.get_submodule(name).weight.data.copy_(base[name])
-
-        # ---- drift after many strength changes (a subset of full-width modules to keep it quick)
-        drift_set = {"transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.add_k_proj"}
-        rng = random.Random(0)
-        strengths = [round(rng.uniform(0.1, 1.0), 3) for _ in range(args.changes)]
-        sub_weights = type(weights)({p: weights.modules[p] for p in drift_set}, source=weights.source)
-        restore_all = {n: t for n, t in base.items()}
-        for name, t in restore_all.items():  # start both from the exact base
-            model.get_submodule(name).weight.data.copy_(t)
-        patcher = LoraPatcher()
-        synchronize(device)
-        t0 = time.perf_counter()
-        for s in strengths:
-            patcher.sync(model, (AppliedLora("r", sub_weights, s),))
-        patcher.sync(model, ())
-        synchronize(device)
-        ours_loop = time.perf_counter() - t0
-        drift_ours, changed_ours = max_drift(model, {n: base[n] for n in drift_set})
-
-        state = load_file(str(lora_path))  # arithmetic only: skip the disk reads in this loop
-        synchronize(device)
-        t0 = time.perf_counter()
-        previous = None
-        for s in strengths:
-            if previous is not None:
-                naive_unmerge(model, None, previous, table, state, drift_set)
-            naive_merge(model, None, s, table, state, drift_set)
-            previous = s
-        naive_unmerge(model, None, previous, table, state, drift_set)
-        synchronize(device)
-        naive_loop = time.perf_counter() - t0
-        drift_naive, changed_naive = max_drift(model, {n: base[n] for n in drift_set})
-        n_drift = sum(base[n].numel() for n in drift_set)
-        print(f"\nafter {args.changes} strength changes + removal ({len(drift_set)} full-width modules, "
-              f"{n_drift / 1e6:.0f} M weights):")
-        print(f"  ours : max abs drift {drift_ours:.3g}, {changed_ours} weights differ from the base "
-              f"({ours_loop:.1f} s)")
-        print(f"  naive: max abs drift {drift_naive:.3g}, {changed_naive} weights differ from the base "
-              f"({naive_loop:.1f} s)")
-        del state, weights, sub_weights
+        _restore_base(model, base)  # back to the exact base before the drift loop
+        print_drift(model, weights, lora_path, table, base, device, args.changes)
+        del weights
         gc.collect()
 
 
