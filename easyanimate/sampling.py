@@ -73,6 +73,28 @@ def check_video_size(width: int, height: int, frames: int) -> None:
         raise ValueError(f"frames must be 1 + 4k (1, 5, 9, ..., 49) for the 4x temporal VAE; got {frames}")
 
 
+@dataclass(frozen=True)
+class VideoSize:
+    """The size of a video the pipeline makes: what a SampleRequest, the trainer's config and its
+    rollout settings all carry as width / height / frames fields. `VideoSize.of(x)` reads them off
+    any such object; `check()` refuses a size the VAE and the transformer's patches cannot make."""
+
+    width: int
+    height: int
+    frames: int
+
+    @classmethod
+    def of(cls, settings) -> "VideoSize":
+        return cls(settings.width, settings.height, settings.frames)
+
+    def check(self) -> "VideoSize":
+        check_video_size(self.width, self.height, self.frames)
+        return self
+
+    def latent_shape(self, batch: int, vae=None) -> tuple[int, ...]:
+        return latent_shape(batch, self.width, self.height, self.frames, vae)
+
+
 def check_guidance(guidance_scale: float) -> None:
     """cfg must be a finite number: NaN compares False with everything and would silently turn
     classifier-free guidance off."""
@@ -258,7 +280,7 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
     """
     pipe = model.pipe
     request = resolve_size(request)
-    check_video_size(request.width, request.height, request.frames)
+    size = VideoSize.of(request).check()
     check_guidance(request.guidance_scale)
     speed = request.speed()
     check_steps(make_scheduler(pipe, request.scheduler, request.shift), request.steps)  # before any work
@@ -269,7 +291,7 @@ def sample_video(model: EasyAnimateModel, request: SampleRequest, step_callback:
     seeds = [request.seed + i for i in range(request.videos)]
     cond, uncond = text or encode_request_prompts(pipe, request.prompt, request.negative_prompt,
                                                   request.guidance_scale)
-    shape = latent_shape(1, request.width, request.height, request.frames, pipe.vae)
+    shape = size.latent_shape(1, pipe.vae)
     with pipe.placement.use(pipe.vae if conditioning.needs_vae(request) else None):
         inpaints = conditioning.build_conditions(pipe, request, shape, seeds)
         source = conditioning.source_latents(pipe, request, shape)  # video-to-video
