@@ -58,3 +58,31 @@ class ClipReward(Reward):
             frames.to(device), self.image_size, self.preprocess_mode, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clamp=self.clamp
         )
         return pixels.to(dtype)
+
+
+class TwoTowerReward(ClipReward):
+    """A CLIP model (image and text towers) and its tokenizer: HPS on open_clip, PickScore on
+    transformers. Subclasses give the defaults, the input size and how the text tower is called;
+    the text side runs once per distinct prompt, without a graph (it never depends on the frames)."""
+
+    default_preprocess_mode = "crop"
+    clamp_default = True  # clamp the bicubic overshoot (see ClipReward)
+
+    def __init__(self, model: torch.nn.Module, tokenizer, preprocess_mode: str | None = None, name: str | None = None):
+        super().__init__(preprocess_mode or self.default_preprocess_mode, self.input_size(model),
+                         name or type(self).name, clamp=self.clamp_default)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.freeze()
+
+    @staticmethod
+    def input_size(model: torch.nn.Module) -> int:
+        raise NotImplementedError
+
+    def encode_text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        device, _ = self.device_dtype
+        return encode_unique(prompts, lambda distinct: self.encode_text_ids(self.tokenizer(distinct).to(device)))

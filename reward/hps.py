@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .clip_reward import ClipReward, encode_unique
+from .clip_reward import TwoTowerReward
 from .clip_text import ClipTokenizer, open_clip_tokenizer
 from .sources import HPS_FILES, HPS_SOURCE
 from .state_dict import read_state_dict
@@ -36,30 +36,19 @@ def _image_size(model: torch.nn.Module) -> int:
     return int(size)
 
 
-class HPSReward(ClipReward):
-    """HPS on an open_clip CLIP model (any size: ViT-H-14 for real, a tiny config for tests)."""
+class HPSReward(TwoTowerReward):
+    """HPS on an open_clip CLIP model (any size: ViT-H-14 for real, a tiny config for tests):
+    HPSReward(model, tokenizer, preprocess_mode="letterbox", name="hps")."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: ClipTokenizer,
-        preprocess_mode: str = "letterbox",
-        name: str = "hps",
-    ):
-        # No clamp: HPS's official transform resizes the float tensor (after ToTensor), which does not
-        # clip bicubic overshoot; with clamp=False our letterbox equals it to float rounding.
-        super().__init__(preprocess_mode, _image_size(model), name, clamp=False)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.freeze()
+    name = "hps"
+    default_preprocess_mode = "letterbox"
+    # No clamp: HPS's official transform resizes the float tensor (after ToTensor), which does not
+    # clip bicubic overshoot; with clamp=False our letterbox equals it to float rounding.
+    clamp_default = False
+    input_size = staticmethod(_image_size)
 
-    @torch.no_grad()
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        # The text side never depends on the frames: no graph needed; each distinct prompt once.
-        device, _ = self.device_dtype
-        return encode_unique(
-            prompts, lambda distinct: self.model.encode_text(self.tokenizer(distinct).to(device), normalize=True)
-        )
+    def encode_text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(ids, normalize=True)
 
     def image_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(self.pixel_values(frames), normalize=True)

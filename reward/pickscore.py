@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .clip_reward import ClipReward, encode_unique
+from .clip_reward import TwoTowerReward
 from .clip_text import ClipTokenizer, tokenizer_for_folder
 from .sources import PICKSCORE_SOURCE, TRANSFORMERS_WEIGHT_FILES
 
@@ -35,27 +35,22 @@ def clip_text_embeddings(model: torch.nn.Module, input_ids: torch.Tensor) -> tor
     return model.text_projection(model.text_model(input_ids=input_ids).pooler_output)
 
 
-class PickScoreReward(ClipReward):
+class PickScoreReward(TwoTowerReward):
     """PickScore on a transformers `CLIPModel` (CLIP-H for real, a tiny config for tests)."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: ClipTokenizer,
-        preprocess_mode: str = "crop",
-        name: str = "pickscore",
-        use_logit_scale: bool = True,
-    ):
-        super().__init__(preprocess_mode, model.config.vision_config.image_size, name)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.use_logit_scale = bool(use_logit_scale)
-        self.freeze()
+    name = "pickscore"
 
-    @torch.no_grad()
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        device, _ = self.device_dtype
-        return encode_unique(prompts, lambda distinct: clip_text_embeddings(self.model, self.tokenizer(distinct).to(device)))
+    def __init__(self, model: torch.nn.Module, tokenizer: ClipTokenizer, preprocess_mode: str = "crop",
+                 name: str = "pickscore", use_logit_scale: bool = True):
+        super().__init__(model, tokenizer, preprocess_mode, name)
+        self.use_logit_scale = bool(use_logit_scale)
+
+    @staticmethod
+    def input_size(model: torch.nn.Module) -> int:
+        return model.config.vision_config.image_size
+
+    def encode_text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return clip_text_embeddings(self.model, ids)
 
     def score_pixels(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Score already-preprocessed pixel_values (B, 3, 224, 224)."""
