@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from .clip_reward import TwoTowerReward
-from .clip_text import ClipTokenizer, open_clip_tokenizer
+from .clip_text import open_clip_tokenizer
 from .sources import HPS_FILES, HPS_SOURCE
 from .state_dict import read_state_dict
 
