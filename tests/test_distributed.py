@@ -67,7 +67,7 @@ def cli_args(model: Path, folder: Path, output: str, steps: int, batch: int, sav
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (folder / "held_out.txt").write_text("\n".join(HELD_OUT) + "\n")
     args = ["--model", str(model), "--reward", "saturation + 0.01*colorfulness", "--prompts", str(folder / "prompts.txt"),
-            "--output", str(folder / output), "--device", "cpu", "--precision", "fp32", "--memory-mode", "none",
+            "--lora-name", str(folder / output), "--device", "cpu", "--precision", "fp32", "--memory-mode", "none",
             "--save-dtype", "fp32", "--width", "32", "--height", "32", "--frames", "5", "--sampling-steps", "2",
             "--guidance-scale", "1", "--rank", "4", "--alpha", "4", "--learning-rate", "1e-2", "--weight-decay", "0",
             "--max-grad-norm", "1", "--seed", "0", "--backprop", "tail", "--backprop-k", "2",
@@ -187,7 +187,7 @@ def test_engines_that_shard_the_weights_are_refused_before_loading(monkeypatch, 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UnsupportedEngineError, match="FSDP.*fused"):
         main(["--model", str(tmp_path / "no-such-model"), "--reward", "saturation", "--prompts",
-              str(tmp_path / "none.txt"), "--output", str(tmp_path / "x.safetensors")])
+              str(tmp_path / "none.txt"), "--lora-name", str(tmp_path / "x.safetensors")])
     assert not list(tmp_path.glob("x*"))
 
 
