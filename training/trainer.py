@@ -547,17 +547,7 @@ class RewardLoRATrainer:
 
     def _train(self) -> TrainResult:
         cfg = self.config
-        check_training(self.pipe, cfg, self.reward)  # refuse before allocating (easyanimate/preflight.py)
-        self._check_start_images()
-        self._freeze_frozen_parts()
-        sync_loras(self.model)  # LoRAs already on the wire stay applied under the one being trained
-        self._build_lora()
-        self._claim_files()
-        self.run_log = RunLog(self.layout, cfg, self.dist.is_main)
-        self.guards.reset()  # reward-normalisation statistics never leak from an earlier run
-        if self.resume_layout is not None:
-            self.guards.restore(read_run_record(self.resume_layout))
-        stop_reason = "finished"
+        self._prepare()
         if self.state.step >= cfg.train_steps:
             log.info("nothing to train: already at step %d of %d", self.state.step, cfg.train_steps)
             self.save("already done")
@@ -570,52 +560,7 @@ class RewardLoRATrainer:
             if self.dist.is_main:
                 self.validation.prepare(self.pipe)  # rank 0 samples the validation videos
             with hold_on_device(self.pipe) as pipe:
-                evaluating = cfg.eval_every > 0 and bool(self.eval_prompts)
-                if evaluating:
-                    self.guards.prepare_base(pipe, bank)  # the base model's held-out motion, once per run
-                if evaluating and not self.state.history["eval_step"]:
-                    self._record_eval(pipe, bank)  # baseline before any update
-                if self.progress is not None:
-                    self.progress(self.state.step, cfg.train_steps)
-                while self.state.step < cfg.train_steps:
-                    check_cancel()
-                    started = time.perf_counter()
-                    reward, loss, grad_norm = self._train_step(pipe, bank, self.state.step)
-                    self.state.step += 1
-                    step = self.state.step
-                    history = self.state.history
-                    history["step"].append(step)
-                    history["reward"].append(reward)
-                    history["loss"].append(loss)
-                    history["grad_norm"].append(grad_norm)
-                    lr = self._used_lr
-                    history["lr"].append(lr)
-                    seconds = time.perf_counter() - started
-                    self.run_log.step(step, reward, loss, grad_norm, lr, seconds)
-                    eval_reward, early_stop = None, False
-                    if evaluating and step % cfg.eval_every == 0:
-                        eval_reward, early_stop = self._record_eval(pipe, bank)
-                    validation_reward = self._validate(pipe, step)
-                    report = StepReport(step, cfg.train_steps, loss, reward, grad_norm, seconds, eval_reward, lr,
-                                        validation_reward)
-                    log.info("step %d/%d: reward %.5g loss %.5g grad norm %.3g (%.2f s)", step, cfg.train_steps,
-                             reward, loss, grad_norm, report.seconds)
-                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.train_steps:
-                        self.save("periodic")
-                    if self.on_step is not None:
-                        self.on_step(report)
-                    if self.progress is not None:
-                        self.progress(step, cfg.train_steps)
-                    if early_stop and self.guards.stop_reason:
-                        stop_reason = self.guards.stop_reason
-                        break
-                    if early_stop:
-                        stop_reason = "early stop"
-                        log.info("early stop at step %d: held-out reward did not improve in %d evaluations; "
-                                 "the best was at step %s (held-out reward %s), kept in %s", step,
-                                 cfg.early_stop_patience, self.state.best_step, self.state.best_eval_reward,
-                                 self.best_path)
-                        break
+                stop_reason = self._loop(pipe, bank)
         except _NonFinite as e:
             saved = self._save_last_good(f"stopped: {e}")
             where = f"the last good LoRA is in {saved}" if saved else "no LoRA file was written"
@@ -634,6 +579,66 @@ class RewardLoRATrainer:
             self.run_log.close()
         self.save(stop_reason)
         return self._result(stop_reason)
+
+    def _prepare(self) -> None:
+        """Everything before the first rollout: refusals, frozen parts, the LoRA, the run's files."""
+        check_training(self.pipe, self.config, self.reward)  # refuse before allocating (easyanimate/preflight.py)
+        self._check_start_images()
+        self._freeze_frozen_parts()
+        sync_loras(self.model)  # LoRAs already on the wire stay applied under the one being trained
+        self._build_lora()
+        self._claim_files()
+        self.run_log = RunLog(self.layout, self.config, self.dist.is_main)
+        self.guards.reset()  # reward-normalisation statistics never leak from an earlier run
+        if self.resume_layout is not None:
+            self.guards.restore(read_run_record(self.resume_layout))
+
+    def _loop(self, pipe, bank: PromptBank) -> str:
+        """Optimizer steps until the end or a stop rule; returns why it stopped."""
+        cfg = self.config
+        evaluating = cfg.eval_every > 0 and bool(self.eval_prompts)
+        if evaluating:
+            self.guards.prepare_base(pipe, bank)  # the base model's held-out motion, once per run
+        if evaluating and not self.state.history["eval_step"]:
+            self._record_eval(pipe, bank)  # baseline before any update
+        if self.progress is not None:
+            self.progress(self.state.step, cfg.train_steps)
+        while self.state.step < cfg.train_steps:
+            check_cancel()
+            started = time.perf_counter()
+            reward, loss, grad_norm = self._train_step(pipe, bank, self.state.step)
+            report = self._record_step(reward, loss, grad_norm, time.perf_counter() - started)
+            early_stop = False
+            if evaluating and report.step % cfg.eval_every == 0:
+                report.eval_reward, early_stop = self._record_eval(pipe, bank)
+            report.validation_reward = self._validate(pipe, report.step)
+            if cfg.save_every and report.step % cfg.save_every == 0 and report.step < cfg.train_steps:
+                self.save("periodic")
+            if self.on_step is not None:
+                self.on_step(report)
+            if self.progress is not None:
+                self.progress(report.step, cfg.train_steps)
+            if early_stop:
+                return self._early_stop_reason(report.step)
+        return "finished"
+
+    def _record_step(self, reward: float, loss: float, grad_norm: float, seconds: float) -> StepReport:
+        self.state.step += 1
+        step, history, lr = self.state.step, self.state.history, self._used_lr
+        for key, value in (("step", step), ("reward", reward), ("loss", loss), ("grad_norm", grad_norm), ("lr", lr)):
+            history[key].append(value)
+        self.run_log.step(step, reward, loss, grad_norm, lr, seconds)
+        log.info("step %d/%d: reward %.5g loss %.5g grad norm %.3g lr %.3g (%.2f s)", step, self.config.train_steps,
+                 reward, loss, grad_norm, lr, seconds)
+        return StepReport(step, self.config.train_steps, loss, reward, grad_norm, seconds, lr=lr)
+
+    def _early_stop_reason(self, step: int) -> str:
+        if self.guards.stop_reason:
+            return self.guards.stop_reason
+        log.info("early stop at step %d: held-out reward did not improve in %d evaluations; the best was at step %s "
+                 "(held-out reward %s), kept in %s", step, self.config.early_stop_patience, self.state.best_step,
+                 self.state.best_eval_reward, self.best_path)
+        return "early stop"
 
 
 def history_plot(history: dict, width: int = 640, height: int = 300) -> torch.Tensor:
