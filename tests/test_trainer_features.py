@@ -157,6 +157,10 @@ def test_validation_videos_are_saved_as_mp4_at_their_own_settings_and_scored(pip
     with pytest.raises(ValueError, match="no validation prompts"):
         RewardLoRATrainer(EasyAnimateModel(pipe), load_reward("colorfulness"), PROMPTS,
                           tiny_config(validation_every=1), output_path=tmp_path / "x.safetensors")
+    held_out = RewardLoRATrainer(EasyAnimateModel(pipe), load_reward("colorfulness"), PROMPTS,
+                                 tiny_config(validation_every=1), output_path=tmp_path / "y.safetensors",
+                                 eval_prompts=[f"held-out {i}" for i in range(6)])
+    assert held_out.validation.prompts == [f"held-out {i}" for i in range(4)]
 
 
 # -- loss presets --------------------------------------------------------------------------------

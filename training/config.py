@@ -342,5 +342,5 @@ class PromptSources:
                                                 "eval_every steps. Training reward rising while held-out stalls = "
                                                 "reward hacking.", multiline=True, prompts=True)
     validation_prompts: str = setting("", EVALUATION, "Prompts of the validation videos (a few: each one is a full "
-                                                      "video at the validation settings).", multiline=True,
-                                      prompts=True)
+                                                      "video at the validation settings). Empty: the first 4 "
+                                                      "held-out prompts.", multiline=True, prompts=True)

@@ -67,7 +67,7 @@ from .rollout import (
     rollout_video,
 )
 from .run_log import RunLog, save_png
-from .validation import ValidationVideos
+from .validation import DEFAULT_VALIDATION_VIDEOS, ValidationVideos
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,11 @@ class RewardLoRATrainer:
         self.eval_prompts = list(eval_prompts)
         self.config = config.validate()
         self.max_reward, self.loss_scale = loss_settings(config, reward)  # refuses a preset that does not fit
-        self.validation = ValidationVideos(config, validation_prompts)
+        # Validation videos: their own prompts, else the first few held-out ones.
+        self.validation = ValidationVideos(config, list(validation_prompts) or self.eval_prompts[:DEFAULT_VALIDATION_VIDEOS])
         if config.validation_every > 0 and not self.validation.prompts:
-            raise ValueError("validation_every is set but no validation prompts were given")
+            raise ValueError("validation_every is set but there are no validation prompts (and no held-out prompts "
+                             "to take them from)")
         if layout is None and output_path is not None:
             layout = RunLayout.for_lora_file(output_path, run_dir)
         if resume_layout is None and resume_from:

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 VALIDATION_SEED_OFFSET = 2_000_000_011  # apart from the training and held-out seeds
 VIDEO_FPS = 8
+DEFAULT_VALIDATION_VIDEOS = 4  # without validation prompts: the first held-out prompts
 
 
 def write_mp4(path, video: torch.Tensor, fps: int = VIDEO_FPS) -> None:
