@@ -268,7 +268,6 @@ class TrainConfig:
                                                "TensorBoard in the run folder's logs/ (tensorboard --logdir <run>/logs).")
     log_frames_every: int = setting(100, LOGGING, "Also log the scored frames to TensorBoard every N steps (0: "
                                                   "never).", min=0, max=1_000_000)
-    # memory (training/memory_options.py) and the rest of the motion guards are above.
 
     def validate(self) -> "TrainConfig":
         from ..easyanimate.sampling import check_video_size
