@@ -4,7 +4,7 @@ From ComfyUI's root (paths relative to it):
 
     python custom_nodes/<this folder>/train.py --model models/EasyAnimate/EasyAnimateV5-12b-zh-InP \
         --reward hps_v2.1 --reward-folder models/reward_models --prompts input/prompts.txt \
-        --output models/loras/my-hps-lora.safetensors
+        --lora-name models/loras/my-hps-lora.safetensors
 
 The pack imports itself relatively as the package `easyanimate_reward`; a Manager install lives in a
 folder with another name (often hyphenated), which Python cannot import by name. This launcher

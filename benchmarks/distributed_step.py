@@ -50,7 +50,7 @@ def worker(args) -> None:
     model = cached_tiny_models(REPO / ".cache" / "tiny-models")["v5.1"]
     pipe = load_pipe(model, "fp32", "none", device="cpu")
     config = TrainConfig(width=args.size, height=args.size, frames=5, sampling_steps=args.sampling_steps,
-                         guidance_scale=6.0, rank=8, alpha=8.0, learning_rate=1e-3, train_steps=args.steps,
+                         cfg=6.0, rank=8, alpha=8.0, learning_rate=1e-3, train_steps=args.steps,
                          batch_size=args.batch, save_every=0, seed=0, backprop="tail", backprop_k=2,
                          gradient_checkpointing=False)
     prompts = [f"prompt number {i}" for i in range(16)]

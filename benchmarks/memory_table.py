@@ -773,7 +773,7 @@ def _train_step(trainer, pipe, bank) -> None:
     prompts, seeds = trainer._micro_batch(0, 0)
     with _activation_offload(cfg):
         video = rollout.rollout_video(pipe, trainer.settings, bank.cond(prompts), bank.uncond(len(prompts)), seeds,
-                                      trainer.grad_steps_for(0, 0), cfg.detach_input)
+                                      trainer.grad_steps_for(0, 0), cfg.drtune)
         scores = rollout.video_rewards(trainer.reward, video, prompts, cfg.num_sampled_frames)
         loss = rollout.reward_loss(scores, cfg.max_reward, cfg.loss_scale)
     loss.backward()

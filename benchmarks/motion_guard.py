@@ -47,7 +47,7 @@ def image_reward(args):
 
 
 def run(pipe, preserve: str, weight: float, args, reward=None) -> dict:
-    config = TrainConfig(width=64, height=64, frames=9, sampling_steps=4, guidance_scale=1.0, rank=4, alpha=4.0,
+    config = TrainConfig(width=64, height=64, frames=9, sampling_steps=4, cfg=1.0, rank=4, alpha=4.0,
                          learning_rate=args.lr, weight_decay=0.0, max_grad_norm=1.0, batch_size=2,
                          train_steps=args.steps, save_every=0, eval_every=args.steps, seed=0, backprop="tail",
                          backprop_k=2, num_decoded_latents=2, num_sampled_frames=1, gradient_checkpointing=False,

@@ -176,7 +176,7 @@ def estimate_training(pipe, config, reward=None) -> list[PhaseEstimate]:
     patch = int(getattr(t.config, "patch_size", 2) or 2)
     lat_f, lat_h, lat_w = _latents(config.width, config.height, config.frames)
     tokens = lat_f * (lat_h // patch) * (lat_w // patch) + TEXT_TOKENS
-    batch = (2 if config.guidance_scale > 1 else 1) * int(config.batch_size)
+    batch = (2 if config.cfg > 1 else 1) * int(config.batch_size)
     from ..training.config import select_grad_steps
     from .sampling import is_flow_matching
 

@@ -161,7 +161,7 @@ def denoise(transformer, scheduler, timesteps, latents: torch.Tensor, cond: Text
             grad_steps: Container[int] = (), detach_input: bool = False,
             step_callback: StepCallback | None = None,
             generator: torch.Generator | list[torch.Generator] | None = None,
-            speed: SpeedSettings | None = None, guidance_rescale: float = 0.0) -> torch.Tensor:
+            speed: SpeedSettings | None = None, guidance_rescale: float = 0.0, eta: float = 0.0) -> torch.Tensor:
     """Run the sampler from `latents` over `timesteps`.
 
     grad_steps: indices of the steps whose transformer call keeps a graph (training); empty for
@@ -169,10 +169,16 @@ def denoise(transformer, scheduler, timesteps, latents: torch.Tensor, cond: Text
     so each step's gradient reaches the LoRA without travelling back through earlier steps' inputs.
     generator: one per video of the batch (a list), so a seed's stochastic steps (Euler A, DDIM
     eta > 0) draw the same noise in any batch. speed: TeaCache / cfg-skip (off when None).
+    eta: DDIM's eta (0: deterministic); refused for schedulers that take none.
     step_callback(done, total, denoised): `denoised` is the current estimate of the clean latents.
     """
     total = len(timesteps)
-    step_kwargs = {"generator": generator} if generator is not None and _accepts_generator(scheduler) else {}
+    step_kwargs = {"generator": generator} if generator is not None and _step_takes(scheduler, "generator") else {}
+    if eta:
+        if not _step_takes(scheduler, "eta"):
+            raise ValueError(f"eta {eta:g} is a DDIM setting; the {type(scheduler).__name__} sampler takes none "
+                             "(use eta 0 or the DDIM scheduler)")
+        step_kwargs["eta"] = eta
     loop = LoopSpeedups(transformer, speed, total) if speed is not None and speed.active else None
     for i, t in enumerate(timesteps):
         check_cancel()  # between sampling steps
@@ -196,10 +202,10 @@ def denoise(transformer, scheduler, timesteps, latents: torch.Tensor, cond: Text
     return latents
 
 
-def _accepts_generator(scheduler) -> bool:
+def _step_takes(scheduler, argument: str) -> bool:
     import inspect
 
-    return "generator" in inspect.signature(scheduler.step).parameters
+    return argument in inspect.signature(scheduler.step).parameters
 
 
 def decode_latents(pipe: EasyAnimatePipe, latents: torch.Tensor, num_latents: int | None = None) -> torch.Tensor:

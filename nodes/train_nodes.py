@@ -1,4 +1,6 @@
-"""Reward LoRA training as a node: EASYANIMATE_MODEL + REWARD_MODEL + prompts -> trained LoRA."""
+"""Reward LoRA training as nodes: the trainer (EASYANIMATE_MODEL + REWARD_MODEL + prompts ->
+trained LoRA) and four optional settings nodes. Every setting's input is generated from the one
+settings table (training/config.py, training/settings.py), the same table the CLI's flags come from."""
 
 from __future__ import annotations
 
@@ -9,18 +11,80 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..easyanimate.lora_format import load_lora_file
-from ..training.config import BACKPROP_STRATEGIES, TrainConfig, parse_optional_number
-from ..training.memory_options import OPTIMIZERS
+from ..training.config import PromptSources, TrainConfig
+from ..training.prompts import load_prompt_items, load_prompts
 from ..training.run_layout import RUNS_FOLDER, RunLayout
-from ..training.prompts import load_prompts
+from ..training.settings import (
+    GROUP_TITLES,
+    RUN,
+    SETTINGS_GROUPS,
+    TrainingSettings,
+    group_rows,
+    parse_number_text,
+    split_by_table,
+)
 from ..training.trainer import RewardLoRATrainer as CoreTrainer, StepReport, history_plot
-from .guard_inputs import guard_inputs, guard_settings
 from .common import LORA_FOLDER, check_interrupt, lora_file_names, progress_callback
-from .types import EasyAnimateModelType, RewardModelType
+from .types import EasyAnimateModelType, RewardModelType, TrainSettingsTypes
 
 log = logging.getLogger(__name__)
 
 NO_RESUME = "[none]"
+TABLES = (TrainConfig, PromptSources)
+
+
+def setting_input(row, optional: bool = False):
+    """The node input of one row of the settings table."""
+    spec, common = row.spec, dict(tooltip=row.spec.tooltip, optional=optional)
+    if row.kind is bool:
+        return io.Boolean.Input(row.name, default=row.default, **common)
+    if spec.choices:
+        return io.Combo.Input(row.name, options=list(spec.choices), default=row.default, **common)
+    if spec.optional_number:  # a number that may be unset: typed as text, "" = unset
+        return io.String.Input(row.name, default="" if row.default is None else f"{row.default:g}", **common)
+    if row.kind is int:
+        return io.Int.Input(row.name, default=row.default, min=int(spec.min), max=int(spec.max),
+                            **({"step": int(spec.step)} if spec.step else {}), **common)
+    if row.kind is float:
+        return io.Float.Input(row.name, default=row.default, min=spec.min, max=spec.max, step=spec.step or 0.01,
+                              round=False, **common)
+    return io.String.Input(row.name, default=row.default, multiline=spec.multiline, **common)
+
+
+def node_values(values: dict) -> dict:
+    """Widget values -> setting values (optional numbers parsed from their text)."""
+    specs = {row.name: row.spec for row in group_rows(RUN, *TABLES) + [r for g in SETTINGS_GROUPS
+                                                                         for r in group_rows(g, *TABLES)]}
+    return {name: parse_number_text(value, name) if specs[name].optional_number else value
+            for name, value in values.items()}
+
+
+def _settings_node(group: str) -> type[io.ComfyNode]:
+    title, description = GROUP_TITLES[group]
+    wire = TrainSettingsTypes[group]
+
+    class TrainSettingsNode(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(
+                node_id=f"EasyAnimateReward_Train{title.replace(' and ', '').replace(' ', '')}Settings",
+                display_name=f"EasyAnimate Reward Trainer: {title}",
+                category="EasyAnimate/training",
+                description=f"{description} Connect to the Reward LoRA Trainer's '{group}' input; without it the "
+                            "trainer uses these defaults (the official trainer's where it has one).",
+                inputs=[setting_input(row) for row in group_rows(group, *TABLES)],
+                outputs=[wire.Output(display_name=group, tooltip=f"The {title.lower()} settings for the trainer.")],
+            )
+
+        @classmethod
+        def execute(cls, **values) -> io.NodeOutput:
+            return io.NodeOutput(TrainingSettings(group, node_values(values)))
+
+    TrainSettingsNode.__name__ = TrainSettingsNode.__qualname__ = f"Train{group.title()}SettingsNode"
+    return TrainSettingsNode
+
+
+SETTINGS_NODES = [_settings_node(group) for group in SETTINGS_GROUPS]
 
 
 def _resume_options() -> list[str]:
@@ -48,6 +112,20 @@ def _resume_layout(resume_from: str) -> RunLayout:
     return RunLayout.for_lora_file(full)
 
 
+def settings_from_inputs(run_values: dict, groups: dict) -> tuple[TrainConfig, PromptSources]:
+    """The trainer node's own settings + its connected settings nodes -> the run's settings (groups
+    not connected keep the table's defaults)."""
+    values = dict(node_values(run_values))
+    for group, settings in groups.items():
+        if settings is None:
+            continue
+        if not isinstance(settings, TrainingSettings) or settings.group != group:
+            raise TypeError(f"the trainer's {group!r} input needs the {group} settings node")
+        values.update(settings.values)
+    config_values, source_values = split_by_table(values, *TABLES)
+    return TrainConfig(**config_values).validate(), PromptSources(**source_values)
+
+
 class RewardLoRATrainerNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -60,95 +138,26 @@ class RewardLoRATrainerNode(io.ComfyNode):
                         "real sampler, keeps gradients only on the chosen denoising steps, decodes the first latents, "
                         "scores frames with the reward and updates the LoRA to raise the score. Saves the LoRA to "
                         "models/loras (official EasyAnimate format); with held-out prompts also "
-                        "<name>.best.safetensors, the LoRA of the best held-out reward. Settings, history and the "
-                        "optimizer state for an exact resume go to output/easyanimate_reward_runs/<name>/. A run "
-                        "never replaces files of another run: a taken name gets a counter (<name>_001).",
+                        "<name>.best.safetensors. Settings, history, plot, numbered checkpoints, TensorBoard logs, "
+                        "validation videos and the optimizer state for an exact resume go to "
+                        "output/easyanimate_reward_runs/<name>/. A run never replaces files of another run: a taken "
+                        "name gets a counter (<name>_001). The four optional settings nodes change the defaults.",
             is_output_node=True,
             inputs=[
                 EasyAnimateModelType.Input("model", tooltip="The model to train on; LoRAs already applied stay under it."),
                 RewardModelType.Input("reward", tooltip="The reward to maximise (frozen; only the LoRA learns)."),
                 io.String.Input("prompts", multiline=True, default="A cat playing the piano in a sunny room.",
-                                tooltip="Training prompts, one per line; or the name of a .txt (a prompt a line) or "
-                                        ".jsonl (key \"prompt\") file in ComfyUI's input folder."),
-                io.String.Input("negative_prompt", multiline=True, default="",
-                                tooltip="Negative prompt of the guided rollout (the official trainer uses none)."),
-                io.Int.Input("width", default=256, min=16, max=2048, step=16, tooltip="Training resolution, multiple of 16."),
-                io.Int.Input("height", default=256, min=16, max=2048, step=16, tooltip="Training resolution, multiple of 16."),
-                io.Int.Input("frames", default=49, min=1, max=145, step=4, tooltip="1 + 4k frames sampled per video."),
-                io.Int.Input("train_steps", default=2000, min=1, max=1_000_000,
-                             tooltip="Optimizer steps (the official runs use 2000-3500)."),
-                io.Int.Input("sampling_steps", default=50, min=1, max=200, tooltip="Denoising steps of each rollout."),
-                io.Float.Input("cfg", default=6.0, min=1.0, max=20.0, step=0.1,
-                               tooltip="Guidance scale of the rollout; 1 disables guidance (half the compute)."),
-                io.Combo.Input("backprop", options=list(BACKPROP_STRATEGIES), default="auto",
-                               tooltip="Which denoising steps keep gradients (the others run without a graph). "
-                                       "auto: last for V5, tail K for V5.1 (last-step gradients vanish with flow "
-                                       "matching). last; tail: the last K; uniform: K spread evenly; random: K drawn "
-                                       "each step from [start, end]; list: the steps listed; all: every step "
-                                       "(memory grows with the step count)."),
-                io.Int.Input("backprop_k", default=10, min=1, max=200, tooltip="K for tail / uniform / random."),
-                io.Int.Input("backprop_start", default=0, min=-200, max=200,
-                             tooltip="random: first step of the range (negative counts from the end)."),
-                io.Int.Input("backprop_end", default=-1, min=-200, max=200,
-                             tooltip="random: last step of the range (-1 = the last step)."),
-                io.String.Input("backprop_steps", default="", tooltip="list: step indices such as '0, 25, -1'."),
-                io.Boolean.Input("drtune", default=False,
-                                 tooltip="DRTune: stop the gradient at the transformer input on the kept steps, so "
-                                         "each step's gradient reaches the LoRA without flowing through earlier steps."),
-                io.Int.Input("num_decoded_latents", default=1, min=1, max=64,
-                             tooltip="Decode only the first k latents (1 = the first frame; k = 1 + 4(k-1) frames)."),
-                io.Int.Input("num_sampled_frames", default=1, min=0, max=256,
-                             tooltip="Evenly spaced frames of the decoded part that the reward scores "
-                                     "(linspace(0, F-1, n) rounded down, as the official trainer); 0 = all decoded frames."),
-                io.Int.Input("rank", default=128, min=1, max=1024, tooltip="LoRA rank."),
-                io.Float.Input("alpha", default=64.0, min=0.01, max=4096.0, step=0.01,
-                               tooltip="LoRA alpha; the update is scaled by alpha / rank."),
-                io.String.Input("target_modules", default="",
-                                tooltip="Regex on module paths to adapt (e.g. 'attn1\\.to_(q|k|v)'); empty = every Linear."),
-                io.Float.Input("learning_rate", default=1e-5, min=1e-9, max=1.0, step=1e-6, round=False,
-                               tooltip="AdamW learning rate (official: 1e-5)."),
-                io.Float.Input("weight_decay", default=3e-2, min=0.0, max=1.0, step=1e-3, round=False,
-                               tooltip="AdamW weight decay."),
-                io.Float.Input("adam_eps", default=1e-10, min=1e-12, max=1e-3, step=1e-10, round=False,
-                               tooltip="AdamW epsilon."),
-                io.Float.Input("max_grad_norm", default=0.3, min=0.0, max=100.0, step=0.01,
-                               tooltip="Gradient-norm clipping; 0 disables it."),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=1024, tooltip="Rollouts per optimizer step."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Prompts per rollout."),
-                io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFF,
-                             tooltip="Seeds the LoRA init, the prompt order and the rollout noise."),
-                io.String.Input("max_reward", default="",
-                                tooltip="Empty: loss = -reward. A finite number: loss = |reward - max_reward| (stops "
-                                        "pushing past a target)."),
-                io.Float.Input("loss_scale", default=1.0, min=1e-6, max=1e6, step=0.01, round=False,
-                               tooltip="Multiplies the loss."),
-                io.Int.Input("save_every", default=100, min=0, max=1_000_000,
-                             tooltip="Save the LoRA every N steps (0: only at the end). It is also saved when "
-                                     "training is cancelled or fails. Each save also writes the run's "
-                                     "training_state.safetensors (AdamW's state, in the run folder), so a resume "
-                                     "continues exactly."),
+                                tooltip="Training prompts, one per line ('start.png | prompt' starts that video from "
+                                        "an image of the input folder, on InP models); or the name of a .txt or "
+                                        ".jsonl (keys \"prompt\", optional \"image\") file in ComfyUI's input folder."),
                 io.String.Input("lora_name", default="easyanimate_reward_lora",
                                 tooltip="Relative file name in models/loras ('.safetensors' is added); with held-out "
                                         "prompts <name>.best.safetensors goes beside it. If any file of that name "
                                         "exists (and resume_from is not this run), the run gets <name>_001, ..."),
-                io.String.Input("eval_prompts", multiline=True, default="",
-                                tooltip="Held-out prompts (lines or a file name), scored without gradients on fixed "
-                                        "seeds. Training reward rising while held-out stalls = reward hacking."),
-                io.Int.Input("eval_every", default=0, min=0, max=1_000_000,
-                             tooltip="Score the held-out prompts every N steps (0: never). The LoRA with the best held-out "
-                                     "reward so far is kept as <name>.best.safetensors (+ .json)."),
-                io.Int.Input("early_stop_patience", default=0, min=0, max=10_000,
-                             tooltip="Stop after this many held-out evaluations without improvement (0: never); "
-                                     "the summary then names the best checkpoint (<name>.best.safetensors)."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in backward (transformer and VAE): far less memory."),
-                io.Boolean.Input("activation_offload", default=False, optional=True,
-                                 tooltip="Keep the tensors saved for backward in CPU RAM (pinned) instead of on the "
-                                         "GPU: less VRAM, more RAM, some transfer time. No effect on a CPU device."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
-                               tooltip="adamw: torch AdamW. adamw_8bit: bitsandbytes' 8-bit AdamW (about 2 bytes of "
-                                       "state per LoRA parameter instead of 8; saved for an exact resume too)."),
-                *guard_inputs(),
+                *(setting_input(row) for row in group_rows(RUN, *TABLES)),
+                *(TrainSettingsTypes[group].Input(group, optional=True, tooltip=GROUP_TITLES[group][1] +
+                                                  " From the matching settings node; unconnected: the defaults.")
+                  for group in SETTINGS_GROUPS),
                 io.Combo.Input("resume_from", options=_resume_options(), default=NO_RESUME, optional=True,
                                tooltip="Continue a run from its LoRA (step count, history, AdamW's state and float32 "
                                        "weights come from its run folder: the run continues as if never stopped). "
@@ -163,54 +172,24 @@ class RewardLoRATrainerNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, reward, prompts, negative_prompt, width, height, frames, train_steps, sampling_steps,
-                cfg, backprop, backprop_k, backprop_start, backprop_end, backprop_steps, drtune, num_decoded_latents,
-                num_sampled_frames, rank, alpha, target_modules, learning_rate, weight_decay, adam_eps, max_grad_norm,
-                grad_accumulation, batch_size, seed, max_reward, loss_scale, save_every, lora_name, eval_prompts,
-                eval_every, early_stop_patience, gradient_checkpointing, resume_from=NO_RESUME,
-                activation_offload=False, optimizer="adamw", **guards) -> io.NodeOutput:
+    def execute(cls, model, reward, prompts, lora_name, resume_from=NO_RESUME, **inputs) -> io.NodeOutput:
+        groups = {group: inputs.pop(group, None) for group in SETTINGS_GROUPS}
+        config, sources = settings_from_inputs(inputs, groups)
         search = [folder_paths.get_input_directory()]
-        train_prompts = load_prompts(prompts, search, "training prompts", confine=True)
-        held_out = load_prompts(eval_prompts, search, "held-out prompts", allow_empty=True, confine=True)
-        config = TrainConfig(
-            width=width, height=height, frames=frames, sampling_steps=sampling_steps, guidance_scale=cfg,
-            negative_prompt=negative_prompt, backprop=backprop, backprop_k=backprop_k, backprop_start=backprop_start,
-            backprop_end=backprop_end, backprop_steps=backprop_steps, detach_input=drtune,
-            num_decoded_latents=num_decoded_latents, num_sampled_frames=num_sampled_frames,
-            max_reward=parse_optional_number(max_reward, "max_reward"), loss_scale=loss_scale, rank=rank, alpha=alpha,
-            target_modules=target_modules, train_steps=train_steps, learning_rate=learning_rate,
-            weight_decay=weight_decay, adam_eps=adam_eps, max_grad_norm=max_grad_norm,
-            grad_accumulation=grad_accumulation, batch_size=batch_size, seed=seed,
-            gradient_checkpointing=gradient_checkpointing, save_every=save_every, eval_every=eval_every,
-            early_stop_patience=early_stop_patience, activation_offload=activation_offload, optimizer=optimizer,
-            **guard_settings(guards),
-        ).validate()
+        train_prompts = load_prompt_items(prompts, search, "training prompts")
+        held_out = load_prompts(sources.eval_prompts, search, "held-out prompts", allow_empty=True, confine=True)
+        validation = load_prompts(sources.validation_prompts, search, "validation prompts", allow_empty=True,
+                                  confine=True)
         layout = run_layout(lora_name)
         resume = _resume_layout(resume_from) if resume_from and resume_from != NO_RESUME else None
-
         node_id = cls.hidden.unique_id if cls.hidden else None
-        progress = progress_callback(train_steps, node_id)
-
-        def on_step(report: StepReport) -> None:
-            text = (f"step {report.step}/{report.total}  reward {report.reward:.5g}  loss {report.loss:.5g}  "
-                    f"grad norm {report.grad_norm:.3g}  ({report.seconds:.1f} s/step)")
-            if report.eval_reward is not None:
-                text += f"\nheld-out reward {report.eval_reward:.5g}"
-            _show_text(text, node_id)
-
         trainer = CoreTrainer(
             model, reward, train_prompts, config, layout=layout, eval_prompts=held_out, resume_layout=resume,
-            progress=progress, check_interrupt=check_interrupt, on_step=on_step,
+            validation_prompts=validation, progress=progress_callback(config.train_steps, node_id),
+            check_interrupt=check_interrupt, on_step=lambda report: _show_text(_step_text(report), node_id),
             extra_info={"reward": getattr(reward, "name", type(reward).__name__)})
         result = trainer.train()
-        loras_dir = folder_paths.get_folder_paths(LORA_FOLDER)[0]
-        name = _relative_name(result.layout.lora, loras_dir)
-        summary = f"{result.stop_reason} at step {result.state.step}: saved models/loras/{name}"
-        if result.best_path is not None:
-            best_name = _relative_name(result.best_path, loras_dir)
-            summary += (f"\nbest held-out reward {result.best_eval_reward:.5g} at step {result.best_step}: "
-                        f"models/loras/{best_name}")
-        summary += f"\nrun folder: {result.layout.folder}"
+        summary, name = _summary(result)
         _show_text(summary, node_id)
         # The wire carries exactly what the file holds (bf16), so the LoRA picked later by name
         # in EasyAnimateLoraApply behaves the same as this output.
@@ -219,6 +198,28 @@ class RewardLoRATrainerNode(io.ComfyNode):
         preview = ui.PreviewImage(plot, cls=cls)
         shown = {"images": preview.values, "animated": (False,), "text": (summary,)}
         return io.NodeOutput(model.with_lora(weights, 1.0, name), name, plot, ui=shown)
+
+
+def _step_text(report: StepReport) -> str:
+    text = (f"step {report.step}/{report.total}  reward {report.reward:.5g}  loss {report.loss:.5g}  "
+            f"grad norm {report.grad_norm:.3g}  lr {report.lr:.3g}  ({report.seconds:.1f} s/step)")
+    if report.eval_reward is not None:
+        text += f"\nheld-out reward {report.eval_reward:.5g}"
+    if report.validation_reward is not None:
+        text += f"\nvalidation reward {report.validation_reward:.5g}"
+    return text
+
+
+def _summary(result) -> tuple[str, str]:
+    loras_dir = folder_paths.get_folder_paths(LORA_FOLDER)[0]
+    name = _relative_name(result.layout.lora, loras_dir)
+    summary = f"{result.stop_reason} at step {result.state.step}: saved models/loras/{name}"
+    if result.best_path is not None:
+        best_name = _relative_name(result.best_path, loras_dir)
+        summary += (f"\nbest held-out reward {result.best_eval_reward:.5g} at step {result.best_step}: "
+                    f"models/loras/{best_name}")
+    summary += f"\nrun folder: {result.layout.folder}"
+    return summary, name
 
 
 def _relative_name(path, folder: str) -> str:
@@ -241,4 +242,4 @@ def _show_text(text: str, node_id: str | None) -> None:
         pass
 
 
-NODES = [RewardLoRATrainerNode]
+NODES = [RewardLoRATrainerNode, *SETTINGS_NODES]

@@ -415,6 +415,7 @@ def load_reward(
     reward = spec.build(Path(folder) if folder is not None else None, device, resolve_dtype(dtype, device),
                         dict(merged))
     reward.typical_range = range_for(kind, merged)  # for normalised combinations (reward/combine.py)
+    reward.kind, reward.loader_options = kind, dict(merged)  # for the trainer's loss presets
     return reward.freeze()
 
 

@@ -67,9 +67,9 @@ def cli_args(model: Path, folder: Path, output: str, steps: int, batch: int, sav
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (folder / "held_out.txt").write_text("\n".join(HELD_OUT) + "\n")
     args = ["--model", str(model), "--reward", "saturation + 0.01*colorfulness", "--prompts", str(folder / "prompts.txt"),
-            "--output", str(folder / output), "--device", "cpu", "--precision", "fp32", "--memory-mode", "none",
+            "--lora-name", str(folder / output), "--device", "cpu", "--precision", "fp32", "--memory-mode", "none",
             "--save-dtype", "fp32", "--width", "32", "--height", "32", "--frames", "5", "--sampling-steps", "2",
-            "--guidance-scale", "1", "--rank", "4", "--alpha", "4", "--learning-rate", "1e-2", "--weight-decay", "0",
+            "--cfg", "1", "--rank", "4", "--alpha", "4", "--learning-rate", "1e-2", "--weight-decay", "0",
             "--max-grad-norm", "1", "--seed", "0", "--backprop", "tail", "--backprop-k", "2",
             "--no-gradient-checkpointing", "--train-steps", str(steps), "--batch-size", str(batch),
             "--save-every", str(save_every)]
@@ -138,7 +138,9 @@ def test_two_ranks_of_batch_one_equal_one_process_of_batch_two(runs):
     written = sorted(p.name for p in runs.iterdir() if p.name.startswith("d2"))
     assert written == ["d2.best.safetensors", "d2.safetensors"]
     run_folder = RunLayout.for_lora_file(runs / "d2.safetensors").folder
-    assert sorted(p.name for p in run_folder.iterdir()) == ["run.json", "training_state.safetensors"]
+    assert sorted(p.name for p in run_folder.iterdir()) == ["checkpoints", "logs", "plot.png", "run.json",
+                                                            "training_state.safetensors", "validation"]
+    assert len(list((run_folder / "logs").iterdir())) == 1  # one TensorBoard event file: rank 0's
     assert not [p.name for p in runs.iterdir() if p.name.startswith(".")]
 
 
@@ -166,7 +168,11 @@ def test_a_crash_or_ctrl_c_on_one_rank_stops_all_with_the_last_step_saved(tiny_m
     run_folder = RunLayout.for_lora_file(out).folder
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".txt") == [
         run_folder.parent.name, "run.safetensors"]  # nothing half-written
-    assert sorted(p.name for p in run_folder.iterdir()) == ["run.json", "training_state.safetensors"]
+    assert sorted(p.name for p in run_folder.iterdir()) == ["checkpoints", "logs", "plot.png", "run.json",
+                                                            "training_state.safetensors", "validation"]
+    assert not [p for p in run_folder.rglob(".*")]  # no temporary file left anywhere in the run folder
+    assert sorted(p.name for p in (run_folder / "checkpoints").iterdir()) == [
+        "run-step000001.safetensors", "run-step000002.safetensors"]
     # The kept file resumes (one process, same global batch) to the end.
     assert main(args[:args.index("--batch-size")] + ["--batch-size", "2", "--save-every", "0", "--resume", str(out)]) == 0
     assert sidecar(out)["history"]["step"] == [1, 2, 3, 4, 5, 6]
@@ -187,7 +193,7 @@ def test_engines_that_shard_the_weights_are_refused_before_loading(monkeypatch, 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UnsupportedEngineError, match="FSDP.*fused"):
         main(["--model", str(tmp_path / "no-such-model"), "--reward", "saturation", "--prompts",
-              str(tmp_path / "none.txt"), "--output", str(tmp_path / "x.safetensors")])
+              str(tmp_path / "none.txt"), "--lora-name", str(tmp_path / "x.safetensors")])
     assert not list(tmp_path.glob("x*"))
 
 

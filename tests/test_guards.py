@@ -29,7 +29,7 @@ def pipe(tiny_models):
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    base = dict(width=32, height=32, frames=5, sampling_steps=2, guidance_scale=1.0, rank=2, alpha=2.0,
+    base = dict(width=32, height=32, frames=5, sampling_steps=2, cfg=1.0, rank=2, alpha=2.0,
                 learning_rate=5e-2, weight_decay=0.0, max_grad_norm=1.0, save_every=0, seed=0, backprop="last",
                 gradient_checkpointing=False, train_steps=1)
     base.update(overrides)

@@ -32,7 +32,7 @@ def test_documented_headless_command_runs_from_a_hyphenated_clone(tmp_path, tiny
     (root / "models" / "loras").mkdir(parents=True)
     cmd = [sys.executable, "custom_nodes/ComfyUI-EasyAnimate-Reward/train.py",
            "--model", "models/EasyAnimate/tiny-v5", "--reward", "saturation", "--prompts", "input/prompts.txt",
-           "--output", "models/loras/fox.safetensors", "--precision", "fp32", "--memory-mode", "none",
+           "--lora-name", "models/loras/fox.safetensors", "--precision", "fp32", "--memory-mode", "none",
            "--device", "cpu", "--width", "32", "--height", "32", "--frames", "5", "--sampling-steps", "2",
            "--rank", "2", "--alpha", "2", "--train-steps", "1", "--no-gradient-checkpointing"]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)

@@ -84,7 +84,7 @@ def test_trainer_loss_is_per_frame_on_all_decoded_frames(tiny_models):
     target = float(scores.mean())  # |mean - max| would be 0 here; the per-frame distances are not
     per_frame = (scores - target).abs().mean().item()
     assert per_frame > 0.01, scores
-    config = TrainConfig(width=32, height=32, frames=5, sampling_steps=2, guidance_scale=1.0, rank=4, alpha=4.0,
+    config = TrainConfig(width=32, height=32, frames=5, sampling_steps=2, cfg=1.0, rank=4, alpha=4.0,
                          num_decoded_latents=2, num_sampled_frames=0, max_reward=target, loss_scale=1.0,
                          train_steps=1, save_every=0, seed=0, backprop="tail", backprop_k=1,
                          gradient_checkpointing=False)

@@ -46,7 +46,7 @@ class SpyTimeReward(Reward):
 
 def test_trainer_gives_a_time_aware_reward_one_video_per_call(tiny_models):
     pipe = load_pipe(tiny_models["v5"], "fp32", "none")
-    config = TrainConfig(width=32, height=32, frames=5, sampling_steps=2, guidance_scale=1.0, rank=2, alpha=2.0,
+    config = TrainConfig(width=32, height=32, frames=5, sampling_steps=2, cfg=1.0, rank=2, alpha=2.0,
                          learning_rate=1e-3, save_every=0, seed=0, backprop="last", gradient_checkpointing=False,
                          batch_size=2, train_steps=1, num_decoded_latents=2, num_sampled_frames=3)
     spy = SpyTimeReward()

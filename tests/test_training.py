@@ -64,7 +64,7 @@ def pipes(tiny_models):
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    base = dict(width=32, height=32, frames=5, sampling_steps=3, guidance_scale=4.0, rank=4, alpha=4.0,
+    base = dict(width=32, height=32, frames=5, sampling_steps=3, cfg=4.0, rank=4, alpha=4.0,
                 learning_rate=1e-2, weight_decay=0.0, max_grad_norm=1.0, save_every=0, seed=0, backprop="tail",
                 backprop_k=2, gradient_checkpointing=False)
     base.update(overrides)
@@ -252,7 +252,7 @@ def test_prompt_sources(tmp_path):
 def test_training_raises_the_reward_on_fixed_seeds(pipes, tmp_path):
     """Held-out reward (fixed seeds, no grad) before vs after a few steps on a weight-free reward."""
     pipe = pipes["v5"]
-    config = tiny_config(train_steps=6, learning_rate=1e-1, eval_every=6, backprop="all", guidance_scale=1.0)
+    config = tiny_config(train_steps=6, learning_rate=1e-1, eval_every=6, backprop="all", cfg=1.0)
     out = tmp_path / "sat.safetensors"
     trainer = RewardLoRATrainer(EasyAnimateModel(pipe), SaturationReward(), [PROMPT], config, output_path=out,
                                 eval_prompts=[PROMPT, "a dog running on the beach at sunset"])
@@ -282,7 +282,7 @@ class StopNow(Exception):
 def test_interrupt_keeps_the_last_good_checkpoint_and_resume_continues(pipes, tmp_path):
     pipe = pipes["v5.1"]
     out = tmp_path / "run.safetensors"
-    config = tiny_config(train_steps=4, save_every=1, guidance_scale=1.0, sampling_steps=2, backprop="auto")
+    config = tiny_config(train_steps=4, save_every=1, cfg=1.0, sampling_steps=2, backprop="auto")
     calls = {"n": 0}
 
     def check_interrupt():
@@ -324,7 +324,7 @@ class NanAfter(Reward):
 def test_nan_loss_stops_and_keeps_finite_checkpoint(pipes, tmp_path):
     pipe = pipes["v5"]
     out = tmp_path / "nan.safetensors"
-    config = tiny_config(train_steps=5, save_every=1, guidance_scale=1.0, sampling_steps=2, backprop="last")
+    config = tiny_config(train_steps=5, save_every=1, cfg=1.0, sampling_steps=2, backprop="last")
     trainer = RewardLoRATrainer(EasyAnimateModel(pipe), NanAfter(2), [PROMPT], config, output_path=out)
     with pytest.raises(TrainingDivergedError, match="nan.safetensors"):
         trainer.train()
@@ -365,7 +365,7 @@ def test_early_stop_on_held_out_and_cli(pipes, tiny_models, tmp_path):
 
     pipe = pipes["v5"]
     config = tiny_config(train_steps=5, learning_rate=1e-30, eval_every=1, early_stop_patience=1,
-                         guidance_scale=1.0, sampling_steps=2)
+                         cfg=1.0, sampling_steps=2)
     result = RewardLoRATrainer(EasyAnimateModel(pipe), SaturationReward(), [PROMPT], config,
                                eval_prompts=["a dog"]).train()
     assert result.stop_reason == "early stop" and result.state.step == 1
@@ -377,7 +377,7 @@ def test_early_stop_on_held_out_and_cli(pipes, tiny_models, tmp_path):
     prompts.write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n')
     out = tmp_path / "cli" / "lora.safetensors"
     code = main(["--model", str(tiny_models["v5.1"]), "--reward", "saturation + 0.01*colorfulness",
-                 "--prompts", str(prompts), "--output", str(out), "--precision", "fp32", "--memory-mode", "none",
+                 "--prompts", str(prompts), "--lora-name", str(out), "--precision", "fp32", "--memory-mode", "none",
                  "--width", "32", "--height", "32", "--frames", "5", "--sampling-steps", "2", "--rank", "2",
                  "--alpha", "2", "--train-steps", "2", "--backprop", "uniform", "--backprop-k", "2",
                  "--target-modules", r"attn1\.to_(q|v)$", "--no-gradient-checkpointing"])
@@ -426,7 +426,7 @@ def test_resume_with_optimizer_state_matches_an_uninterrupted_run(pipes, tmp_pat
 
     pipe = pipes["v5.1"]
     prompts = [PROMPT, "a dog", "a red car"]
-    config = tiny_config(train_steps=4, guidance_scale=1.0, sampling_steps=3, backprop="random", backprop_k=2,
+    config = tiny_config(train_steps=4, cfg=1.0, sampling_steps=3, backprop="random", backprop_k=2,
                          grad_accumulation=2, learning_rate=3e-2, weight_decay=1e-2)
     first_half = tiny_config(**{**config.to_dict(), "train_steps": 2})
 
@@ -485,7 +485,7 @@ def test_resume_with_optimizer_state_matches_an_uninterrupted_run(pipes, tmp_pat
 
 def test_best_held_out_checkpoint(pipes, tmp_path):
     pipe = pipes["v5"]
-    config = tiny_config(train_steps=4, learning_rate=1e-1, eval_every=1, backprop="all", guidance_scale=1.0,
+    config = tiny_config(train_steps=4, learning_rate=1e-1, eval_every=1, backprop="all", cfg=1.0,
                          sampling_steps=2)
     out = tmp_path / "run.safetensors"
     snapshots = {}
@@ -533,7 +533,7 @@ def test_training_on_top_of_an_unfused_lora_applied_inside_inference_mode(tiny_m
         weights = load_lora_file(path, pipe.transformer)
         model = EasyAnimateModel(pipe).with_lora(weights.with_mode("unfused"), 1.0, "applied")
         sample_video(model, SampleRequest("a cat", width=32, height=32, frames=5, steps=2))
-        config = TrainConfig(width=32, height=32, frames=5, sampling_steps=2, guidance_scale=1.0, rank=4,
+        config = TrainConfig(width=32, height=32, frames=5, sampling_steps=2, cfg=1.0, rank=4,
                              alpha=4.0, train_steps=1, save_every=0, backprop="last", gradient_checkpointing=False)
         result = RewardLoRATrainer(model, SaturationReward(), ["a cat"], config).train()
     assert result.state.step == 1 and math.isfinite(result.state.history["reward"][0])

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from host import history_error
+from train_graph import trainer_graph
 
 MODEL = "tiny-EasyAnimateV5-zh-InP"
 PROMPT = "a cat playing piano in a sunny room"
@@ -54,7 +55,7 @@ def test_train_save_reload_and_apply_by_name(comfy_server):
     from easyanimate_reward.easyanimate.lora_format import load_lora_file
 
     graph = loaders()
-    graph["3"] = {"class_type": "EasyAnimateReward_RewardLoRATrainer", "inputs": trainer_inputs("host test/reward lora")}
+    graph.update(trainer_graph("3", trainer_inputs("host test/reward lora")))
     graph["4"] = sampler(["3", 0])
     graph["5"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "trained"}}
     graph["6"] = sampler(["1", 0])
@@ -108,9 +109,8 @@ def test_cancel_keeps_the_last_checkpoint(comfy_server):
     from easyanimate_reward.training.checkpoint import load_checkpoint
 
     graph = loaders()
-    graph["3"] = {"class_type": "EasyAnimateReward_RewardLoRATrainer",
-                  "inputs": trainer_inputs("cancelled", train_steps=500, save_every=1, eval_every=0, cfg=1.0,
-                                           sampling_steps=2)}
+    graph.update(trainer_graph("3", trainer_inputs("cancelled", train_steps=500, save_every=1, eval_every=0, cfg=1.0,
+                                                   sampling_steps=2)))
     graph["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}}
     queued = comfy_server.queue(graph)
     assert "prompt_id" in queued, queued
@@ -134,7 +134,7 @@ def test_cancel_keeps_the_last_checkpoint(comfy_server):
 
 def test_lora_name_cannot_escape_the_loras_folder(comfy_server):
     graph = loaders()
-    graph["3"] = {"class_type": "EasyAnimateReward_RewardLoRATrainer", "inputs": trainer_inputs("../../escaped", train_steps=1)}
+    graph.update(trainer_graph("3", trainer_inputs("../../escaped", train_steps=1)))
     entry = comfy_server.run(graph)
     err = history_error(entry)
     assert err is not None and "must be a relative path inside" in err and "models/loras" in err, err

@@ -31,7 +31,7 @@ def pipe(tiny_models):
 
 
 def config(**overrides) -> TrainConfig:
-    base = dict(width=32, height=32, frames=5, sampling_steps=2, guidance_scale=1.0, rank=4, alpha=4.0,
+    base = dict(width=32, height=32, frames=5, sampling_steps=2, cfg=1.0, rank=4, alpha=4.0,
                 learning_rate=3e-2, weight_decay=1e-2, max_grad_norm=1.0, save_every=0, seed=0, backprop="last",
                 gradient_checkpointing=False, train_steps=1)
     base.update(overrides)
@@ -302,7 +302,7 @@ def test_fp16_inf_gradient_skips_the_step_and_resume_restores_the_scaler(tiny_mo
 
 
 @pytest.mark.parametrize("field", ["max_reward", "loss_scale", "learning_rate", "weight_decay", "adam_eps",
-                                   "max_grad_norm", "guidance_scale", "alpha"])
+                                   "max_grad_norm", "cfg", "alpha"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("1e400"), -float("inf")])
 def test_non_finite_trainer_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):

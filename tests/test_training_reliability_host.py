@@ -13,6 +13,7 @@ import pytest
 
 from easyanimate_reward.tools.workflows import write_tiny_lora
 from host import history_error
+from train_graph import trainer_graph
 from test_training_host import MODEL, PROMPT, trainer_inputs
 
 LORA = "reliability-lora.safetensors"
@@ -47,12 +48,13 @@ def sampler(model_ref, seed=11):
                        "frames": 5, "steps": 2, "cfg": 1.0, "seed": seed, "scheduler": "auto", "videos": 1}}
 
 
-def small_trainer(lora_name, **overrides):
+def small_trainer(lora_name, node="3", **overrides) -> dict:
+    """The trainer node `node` and its settings nodes (spread into a graph with **)."""
     inputs = trainer_inputs(lora_name, train_steps=1, sampling_steps=2, cfg=1.0, eval_prompts="", eval_every=0,
                             backprop="last", gradient_checkpointing=False)
     inputs.update(model=["2", 0], reward=["9", 0])
     inputs.update(overrides)
-    return {"class_type": "EasyAnimateReward_RewardLoRATrainer", "inputs": inputs}
+    return trainer_graph(node, inputs)
 
 
 def final_node(kind, mode):
@@ -64,7 +66,7 @@ def final_node(kind, mode):
             "strengths": "0.3, 0.6", "width": 32, "height": 32, "frames": 5, "steps": 2, "cfg": 1.0, "seed": 1,
             "scheduler": "auto", "mode": mode, "batch_size": 4}},
             "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}}}
-    return {"9": reward(), "3": small_trainer("combo/run"),
+    return {"9": reward(), **small_trainer("combo/run"),
             "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}}}
 
 
@@ -105,7 +107,7 @@ def test_runs_never_replace_files_and_keep_training_state_out_of_lora_lists(comf
     (loras / "keep me.best.safetensors").write_bytes(b"a stale .best of another run")
     before = (loras / "keep me.safetensors").read_bytes()
     graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(),
-             "3": small_trainer("keep me", eval_prompts="a dog", eval_every=1),
+             **small_trainer("keep me", eval_prompts="a dog", eval_every=1),
              "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}}}
     entry = comfy_server.run(graph)
     assert history_error(entry) is None, history_error(entry)
@@ -122,7 +124,7 @@ def test_runs_never_replace_files_and_keep_training_state_out_of_lora_lists(comf
     assert history_error(comfy_server.run(graph)) is None
     assert run_files(comfy_server, "keep me_002")["lora"].is_file() and first["lora"].read_bytes() == kept
     # Resume of that run writes on into its own files.
-    graph["3"] = small_trainer("keep me_001", train_steps=2, resume_from="keep me_001.safetensors")
+    graph.update(small_trainer("keep me_001", train_steps=2, resume_from="keep me_001.safetensors"))
     entry = comfy_server.run(graph)
     assert history_error(entry) is None, history_error(entry)
     record = json.loads(first["record"].read_text())
@@ -131,7 +133,7 @@ def test_runs_never_replace_files_and_keep_training_state_out_of_lora_lists(comf
 
 
 def test_training_state_stays_out_of_the_hosts_lora_lists_and_resume_finds_it(comfy_server):
-    graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(), "3": small_trainer("listed/state run"),
+    graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(), **small_trainer("listed/state run"),
              "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}}}
     entry = comfy_server.run(graph)
     assert history_error(entry) is None, history_error(entry)
@@ -141,7 +143,7 @@ def test_training_state_stays_out_of_the_hosts_lora_lists_and_resume_finds_it(co
     assert ours == ["listed/state run.safetensors"], ours  # the LoRA, and no training state
     files = run_files(comfy_server, "listed/state run")
     assert files["state"].is_file() and json.loads(files["record"].read_text())["state_file"] == files["state"].name
-    graph["3"] = small_trainer("listed/state run", train_steps=2, resume_from="listed/state run.safetensors")
+    graph.update(small_trainer("listed/state run", train_steps=2, resume_from="listed/state run.safetensors"))
     entry = comfy_server.run(graph)
     assert history_error(entry) is None, history_error(entry)
     log = comfy_server.log_tail(2_000_000)
@@ -150,7 +152,7 @@ def test_training_state_stays_out_of_the_hosts_lora_lists_and_resume_finds_it(co
 
 
 def refused(server, name, **overrides) -> str | None:
-    graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(), "3": small_trainer(name, **overrides)}
+    graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(), **small_trainer(name, **overrides)}
     return history_error(server.run(graph))
 
 
@@ -238,7 +240,7 @@ class TextFrames:
 
 
 def test_training_progress_text_reaches_the_websocket(comfy_server):
-    graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(), "3": small_trainer("progress", train_steps=2),
+    graph = {"1": loader(), "2": apply(0.0, "fused"), "9": reward(), **small_trainer("progress", train_steps=2),
              "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}}}
     with TextFrames(comfy_server.url) as listener:
         entry = comfy_server.run(graph)

@@ -438,8 +438,8 @@ def tinyfy(
                     inputs[key] = value
             if "frames_per_video" in inputs and not _is_link(inputs["frames_per_video"]):
                 inputs["frames_per_video"] = TINY_SAMPLER["frames"]
-        if kind == "EasyAnimateReward_RewardLoRATrainer":
-            inputs.update(TINY_TRAINER)
+        if kind == "EasyAnimateReward_RewardLoRATrainer" or kind.startswith("EasyAnimateReward_Train"):
+            inputs.update({k: v for k, v in TINY_TRAINER.items() if k in inputs})  # trainer + settings nodes
         for key, value in list(inputs.items()):
             if isinstance(value, str) and value in files:
                 inputs[key] = files[value]

@@ -30,7 +30,7 @@ import torch
 
 from ..easyanimate.lora_format import LoraWeights, load_lora_file, save_lora_file
 from ..fileio import save_safetensors_atomic, write_text_atomic
-from .run_layout import RUN_FORMAT, RUN_ID_KEY, RunLayout, read_run_record
+from .run_layout import LORA_SUFFIX, RUN_FORMAT, RUN_ID_KEY, RunLayout, file_run_id, read_run_record
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class NonFiniteWeightsError(ValueError):
 
 
 def new_history() -> dict[str, list]:
-    return {"step": [], "reward": [], "loss": [], "grad_norm": [], "eval_step": [], "eval_reward": [], "eval_loss": []}
+    return {"step": [], "reward": [], "loss": [], "grad_norm": [], "lr": [], "eval_step": [], "eval_reward": [],
+            "eval_loss": [], "validation_step": [], "validation_reward": []}
 
 
 @dataclass
@@ -190,6 +191,28 @@ def save_lora(path: str | os.PathLike, weights: LoraWeights, state: TrainingStat
     return path
 
 
+def save_numbered_checkpoint(layout: RunLayout, weights: LoraWeights, state: TrainingState, run_id: str,
+                             dtype: torch.dtype = torch.bfloat16, total_limit: int = 0) -> Path:
+    """The LoRA of this step as `checkpoints/<run>-stepNNNNNN.safetensors`; with a `total_limit`,
+    the oldest numbered checkpoints of THIS run beyond it are removed (files of other runs or the
+    user's are never touched: each is checked for this run's id)."""
+    path = save_lora(layout.checkpoint(state.step), weights, state, run_id, dtype,
+                     {"easyanimate_reward_checkpoint_of": layout.lora.name})
+    if total_limit > 0:
+        for old in numbered_checkpoints(layout, run_id)[:-total_limit]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def numbered_checkpoints(layout: RunLayout, run_id: str) -> list[Path]:
+    """This run's numbered checkpoints, oldest first."""
+    if not layout.checkpoints.is_dir():
+        return []
+    prefix = layout.checkpoint(0).name.rsplit("-step", 1)[0] + "-step"
+    found = [p for p in layout.checkpoints.glob(f"*{LORA_SUFFIX}") if p.name.startswith(prefix)]
+    return sorted((p for p in found if file_run_id(p) == run_id), key=lambda p: p.name)
+
+
 def run_record(layout: RunLayout, state: TrainingState, run_id: str, extra: dict | None = None) -> dict:
     record = {
         "format": RUN_FORMAT,
@@ -271,8 +294,11 @@ def load_checkpoint(layout: RunLayout | str | os.PathLike, transformer) -> tuple
         # run.json belongs to another save (a crash between the two writes): trust the LoRA file.
         state.step = int(file_step)
         keep = [i for i, s in enumerate(state.history["step"]) if s <= state.step]
-        for key in ("step", "reward", "loss", "grad_norm"):
+        for key in ("step", "reward", "loss", "grad_norm", "lr"):
             state.history[key] = [state.history[key][i] for i in keep if i < len(state.history[key])]
+        kept = [i for i, s in enumerate(state.history["validation_step"]) if s <= state.step]
+        for key in ("validation_step", "validation_reward"):
+            state.history[key] = [state.history[key][i] for i in kept if i < len(state.history[key])]
         evals = [i for i, s in enumerate(state.history["eval_step"]) if s <= state.step]
         for key in ("eval_step", "eval_reward", "eval_loss"):
             state.history[key] = [state.history[key][i] for i in evals if i < len(state.history[key])]

@@ -35,14 +35,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..reward.video import MotionReward, time_aware_terms
-from .config import decoded_frame_count
+from .config import PRESERVE_MODES, decoded_frame_count
 
 if TYPE_CHECKING:
     from .trainer import RewardLoRATrainer
 
 log = logging.getLogger(__name__)
 
-PRESERVE_MODES = ("none", "motion", "frames")
 GUARD_STATE_KEY = "guards"  # key of the guard state in a checkpoint's sidecar
 
 

@@ -31,12 +31,14 @@ def check_optimizer_name(name: str) -> None:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def make_optimizer(config, params) -> torch.optim.Optimizer:
-    """AdamW (torch) or AdamW8bit (bitsandbytes) with the config's lr, weight decay and eps."""
+def make_optimizer(config, params, lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW (torch) or AdamW8bit (bitsandbytes) with the config's betas, weight decay and eps, at
+    `lr` (default: the config's learning rate; the trainer passes it scaled, see lr_schedule.py)."""
     name = getattr(config, "optimizer", "adamw")
     check_optimizer_name(name)
     params = list(params)
-    kwargs = dict(lr=config.learning_rate, weight_decay=config.weight_decay, eps=config.adam_eps)
+    kwargs = dict(lr=config.learning_rate if lr is None else lr, weight_decay=config.weight_decay,
+                  eps=config.adam_eps, betas=(config.adam_beta1, config.adam_beta2))
     if name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     try:

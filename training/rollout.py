@@ -49,15 +49,16 @@ class RolloutSettings:
     # Inference speed-ups and the flow shift: off / the folder's own unless turned on explicitly.
     shift: float = 0.0
     speed: SpeedSettings = SpeedSettings()
+    eta: float = 0.0  # DDIM only
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "RolloutSettings":
         speed = SpeedSettings(getattr(config, "teacache", False),
                               getattr(config, "teacache_threshold", DEFAULT_TEACACHE_THRESHOLD),
                               getattr(config, "cfg_skip_ratio", 0.0))
-        return cls(config.width, config.height, config.frames, config.sampling_steps, config.guidance_scale,
+        return cls(config.width, config.height, config.frames, config.sampling_steps, config.cfg,
                    config.scheduler, config.num_decoded_latents, config.num_sampled_frames,
-                   getattr(config, "shift", 0.0), speed)
+                   getattr(config, "shift", 0.0), speed, getattr(config, "eta", 0.0))
 
 
 @contextlib.contextmanager
@@ -166,12 +167,14 @@ class PromptBank:
 
 def rollout_video(pipe: EasyAnimatePipe, settings: RolloutSettings, cond: TextConditioning,
                   uncond: TextConditioning | None, seeds: Sequence[int], grad_steps: GradSteps = (),
-                  detach_input: bool = False, step_callback: StepCallback | None = None) -> torch.Tensor:
+                  detach_input: bool = False, step_callback: StepCallback | None = None,
+                  start_images: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Sample from noise and decode the first `num_decoded_latents` latents.
 
     Returns video (B, 3, F', H, W) in [0, 1] with F' = 1 + 4 (k - 1). `grad_steps` is a set of step
     indices, or a function of the number of timesteps returning one. Steps outside it run under
-    no_grad; run the whole call under torch.no_grad() for evaluation.
+    no_grad; run the whole call under torch.no_grad() for evaluation. `start_images`: one per video,
+    (1, 3, h, w) in [0, 1] or None (image-to-video on InP models, text-to-video for None).
     """
     device = pipe.compute_device
     scheduler = make_scheduler(pipe, settings.scheduler, settings.shift)
@@ -179,12 +182,24 @@ def rollout_video(pipe: EasyAnimatePipe, settings: RolloutSettings, cond: TextCo
     chosen = grad_steps(len(timesteps)) if callable(grad_steps) else grad_steps
     shape = latent_shape(len(seeds), settings.width, settings.height, settings.frames)
     latents = initial_noise(shape, list(seeds), device, pipe.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
-    inpaint = inpaint_condition(pipe, shape, settings.frames, None, list(seeds))
+    inpaint = rollout_condition(pipe, shape, settings.frames, list(seeds), start_images)
     guidance = settings.guidance_scale if uncond is not None else 1.0
     latents = denoise(pipe.transformer, scheduler, timesteps, latents, cond, inpaint, guidance, uncond,
                       grad_steps=frozenset(chosen), detach_input=detach_input, step_callback=step_callback,
-                      generator=[seeded_generator(s, 2) for s in seeds], speed=settings.speed)  # one per video
+                      generator=[seeded_generator(s, 2) for s in seeds], speed=settings.speed,  # one per video
+                      eta=settings.eta)
     return decode_latents(pipe, latents, settings.num_decoded_latents)
+
+
+def rollout_condition(pipe: EasyAnimatePipe, shape, frames: int, seeds: list[int],
+                      start_images: Sequence[torch.Tensor | None] | None):
+    """The transformer's extra inputs: text-to-video for the whole batch, or video by video with
+    each one's start image (a batch may mix both)."""
+    if not start_images or all(image is None for image in start_images):
+        return inpaint_condition(pipe, shape, frames, None, seeds)
+    one = (1, *shape[1:])
+    parts = [inpaint_condition(pipe, one, frames, image, [seed]) for image, seed in zip(start_images, seeds)]
+    return torch.cat(parts)
 
 
 def sampled_frame_indices(available: int, count: int) -> list[int]:

@@ -10,7 +10,10 @@ recursively, so training state there would show up in every LoRA picker):
 
     <runs root>/<run>/run.json                      settings, step, history, stop reason, best, files
     <runs root>/<run>/training_state.safetensors    AdamW state + float32 masters + GradScaler state
-    <runs root>/<run>/checkpoints/  logs/  validation/   (numbered checkpoints, TensorBoard, videos)
+    <runs root>/<run>/plot.png                      reward / loss per step (what the node shows)
+    <runs root>/<run>/checkpoints/<run>-step000100.safetensors   numbered LoRAs (checkpoints_total_limit)
+    <runs root>/<run>/logs/                         TensorBoard event files
+    <runs root>/<run>/validation/step000100_00.mp4  validation videos (+ scores.json)
 
 The runs root is `easyanimate_reward_runs/` in ComfyUI's output folder for the node. The CLI uses
 `--run-dir`, or by default the same place when its output lies in a ComfyUI `models/loras` tree
@@ -88,12 +91,29 @@ class RunLayout:
         return self.folder / "validation"
 
     @property
+    def plot(self) -> Path:
+        return self.folder / "plot.png"
+
+    @property
     def name(self) -> str:
         return _stem(self.lora)
 
+    def checkpoint(self, step: int) -> Path:
+        """The numbered LoRA of `step` (a name that sorts by step)."""
+        return self.checkpoints / f"{self.name.rsplit('/', 1)[-1]}-step{step:06d}{LORA_SUFFIX}"
+
+    def validation_video(self, step: int, index: int) -> Path:
+        return self.validation / f"step{step:06d}_{index:02d}.mp4"
+
+    @property
+    def validation_scores(self) -> Path:
+        return self.validation / "scores.json"
+
     def written_files(self) -> list[Path]:
-        """Every file the run writes (each through an atomic writer with a temporary name)."""
-        return [self.lora, self.best, self.run_json, self.state]
+        """Every file the run writes (each through an atomic writer with a temporary name); the
+        numbered and validation files stand for all of their kind (same folder, same name length)."""
+        return [self.lora, self.best, self.run_json, self.state, self.plot, self.checkpoint(999_999),
+                self.validation_video(999_999, 99), self.validation_scores]
 
     def existing(self) -> list[Path]:
         return [p for p in (self.lora, self.best, self.folder) if _exists(p)]

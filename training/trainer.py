@@ -5,11 +5,13 @@ One optimizer step = `grad_accumulation` rollouts of `batch_size` prompts each: 
 with the pack's sampler (gradients only on the chosen steps), decode the first latents, score
 evenly spaced frames, loss = -reward (or |reward - max_reward|), backprop into the LoRA only,
 clip, AdamW (fp16 models: with a GradScaler, so an overflowing step is skipped, not fatal).
-Checkpoints in the official LoRA format every `save_every` steps and at the end; the training state
-(AdamW, float32 masters, GradScaler) and run.json go to the run folder, so a resumed run continues
-exactly where the saved one was; with held-out prompts, `<run>.best.safetensors` keeps the LoRA of
-the best held-out evaluation so far. Where each file lives and the rule that a run only replaces
-its own files: run_layout.py.
+Checkpoints in the official LoRA format every `save_every` steps and at the end (plus numbered ones
+in checkpoints/, at most `checkpoints_total_limit`); the training state (AdamW, float32 masters,
+GradScaler) and run.json go to the run folder, so a resumed run continues exactly where the saved
+one was; with held-out prompts, `<run>.best.safetensors` keeps the LoRA of the best held-out
+evaluation so far. The learning rate follows lr_schedule.py; TensorBoard logs and plot.png:
+run_log.py; validation videos: validation.py; image-to-video prompts: prompts.py. Where each file
+lives and the rule that a run only replaces its own files: run_layout.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,6 +43,7 @@ from .checkpoint import (
     run_record,
     save_checkpoint,
     save_lora,
+    save_numbered_checkpoint,
     split_scaler_state,
     write_run_record,
 )
@@ -47,7 +51,10 @@ from .config import TrainConfig, resolve_strategy, select_grad_steps
 from .distributed import SINGLE_PROCESS, DataParallel, critical
 from .guards import GUARD_STATE_KEY, TrainingGuards
 from .lora_layers import LoraLayers
+from .loss_presets import loss_settings
+from .lr_schedule import base_learning_rate, current_learning_rate, make_lr_scheduler
 from .memory_options import activation_offload, after_restore, make_optimizer
+from .prompts import TrainingPrompt, load_start_image
 from .run_layout import RunLayout, claim_run, file_run_id, new_run_id, read_run_record
 from .rollout import (
     PromptBank,
@@ -59,6 +66,8 @@ from .rollout import (
     reward_loss,
     rollout_video,
 )
+from .run_log import RunLog, save_png
+from .validation import DEFAULT_VALIDATION_VIDEOS, ValidationVideos
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +94,8 @@ class StepReport:
     grad_norm: float
     seconds: float
     eval_reward: float | None = None
+    lr: float | None = None
+    validation_reward: float | None = None
 
 
 @dataclass
@@ -115,7 +126,7 @@ class RewardLoRATrainer:
     unless `resume_from` / `resume_layout` is this very run); `self.layout` is where they went.
     """
 
-    def __init__(self, model: EasyAnimateModel, reward, prompts: Sequence[str], config: TrainConfig,
+    def __init__(self, model: EasyAnimateModel, reward, prompts: Sequence[str | TrainingPrompt], config: TrainConfig,
                  output_path: str | os.PathLike | None = None, eval_prompts: Sequence[str] = (),
                  resume_from: str | os.PathLike | None = None,
                  progress: Callable[[int, int], None] | None = None,
@@ -124,15 +135,25 @@ class RewardLoRATrainer:
                  save_dtype: torch.dtype = torch.bfloat16, extra_info: dict | None = None,
                  distributed: DataParallel | None = None,
                  run_dir: str | os.PathLike | None = None, layout: RunLayout | None = None,
-                 resume_layout: RunLayout | None = None):
+                 resume_layout: RunLayout | None = None, validation_prompts: Sequence[str] = ()):
         if not prompts:
             raise ValueError("no training prompts: give at least one prompt")
         self.model = model
         self.pipe = model.pipe
         self.reward = reward
-        self.prompts = list(prompts)
+        items = [p if isinstance(p, TrainingPrompt) else TrainingPrompt(str(p)) for p in prompts]
+        self.prompts = [p.text for p in items]
+        # Image-to-video rollouts: the start image of each prompt (None: text-to-video).
+        self.start_image_files = [p.image if config.start_images else None for p in items]
+        self._start_images: dict = {}
         self.eval_prompts = list(eval_prompts)
         self.config = config.validate()
+        self.max_reward, self.loss_scale = loss_settings(config, reward)  # refuses a preset that does not fit
+        # Validation videos: their own prompts, else the first few held-out ones.
+        self.validation = ValidationVideos(config, list(validation_prompts) or self.eval_prompts[:DEFAULT_VALIDATION_VIDEOS])
+        if config.validation_every > 0 and not self.validation.prompts:
+            raise ValueError("validation_every is set but there are no validation prompts (and no held-out prompts "
+                             "to take them from)")
         if layout is None and output_path is not None:
             layout = RunLayout.for_lora_file(output_path, run_dir)
         if resume_layout is None and resume_from:
@@ -157,6 +178,9 @@ class RewardLoRATrainer:
         self.lora: LoraLayers | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
+        self.lr_scheduler = None
+        self._used_lr = float(config.learning_rate)
+        self.run_log: RunLog | None = None
         self.saved_path: Path | None = None
         self.best_path: Path | None = None
         self._orders: dict[int, list[int]] = {}
@@ -190,12 +214,13 @@ class RewardLoRATrainer:
             log.info("resumed from %s at step %d", self.resume_from, state.step)
         else:
             self.lora = LoraLayers(transformer, cfg.rank, cfg.alpha, cfg.target_modules, seed=cfg.seed, device=device)
-        self.optimizer = make_optimizer(cfg, self.lora.parameters())
+        self.optimizer = make_optimizer(cfg, self.lora.parameters(), base_learning_rate(cfg, self.dist.world_size))
         # fp16 activations underflow in backward without loss scaling; bf16/fp32 need none.
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=self.pipe.dtype == torch.float16)
         self._start_step = self.state.step
         if self.resume_layout is not None:
             self._restore_optimizer(weights)
+        self.lr_scheduler = make_lr_scheduler(cfg, self.optimizer, self.state.step)  # resumes continue the schedule
 
     def _restore_optimizer(self, weights) -> None:
         """AdamW moments, float32 master weights and the GradScaler from the resumed run's state
@@ -267,6 +292,9 @@ class RewardLoRATrainer:
     # -- data ----------------------------------------------------------------------------------
 
     def _prompt_at(self, index: int) -> str:
+        return self.prompts[self._prompt_index(index)]
+
+    def _prompt_index(self, index: int) -> int:
         """Prompts in a new seeded shuffle every epoch (deterministic, so resumes continue it)."""
         count = len(self.prompts)
         epoch = index // count
@@ -275,15 +303,39 @@ class RewardLoRATrainer:
             order = list(range(count))
             random.Random(self.config.seed * 7919 + epoch).shuffle(order)
             self._orders = {epoch: order}
-        return self.prompts[order[index % count]]
+        return order[index % count]
 
-    def _micro_batch(self, step: int, micro: int) -> tuple[list[str], list[int]]:
+    def _micro_batch(self, step: int, micro: int) -> tuple[list[str], list[int], list]:
+        """Prompts, seeds and start images (None: text-to-video) of one rollout of this rank."""
         cfg = self.config
         first = self.dist.first_of_rank((step * cfg.grad_accumulation + micro) * cfg.batch_size * self.dist.world_size,
                                         cfg.batch_size)
-        prompts = [self._prompt_at(first + i) for i in range(cfg.batch_size)]
+        indices = [self._prompt_index(first + i) for i in range(cfg.batch_size)]
         seeds = [cfg.seed + first + i for i in range(cfg.batch_size)]
-        return prompts, seeds
+        return [self.prompts[i] for i in indices], seeds, [self._start_image(i) for i in indices]
+
+    def _start_image(self, index: int):
+        path = self.start_image_files[index]
+        if path is None:
+            return None
+        if path not in self._start_images:
+            self._start_images[path] = load_start_image(path)
+        return self._start_images[path]
+
+    def _check_start_images(self) -> None:
+        """Before any work: start images need an InP model, and every image must be readable."""
+        from ..easyanimate import conditioning
+
+        named = [p for p in self.start_image_files if p is not None]
+        if not named:
+            return
+        inputs = conditioning.model_inputs(self.pipe)
+        if inputs.kind != conditioning.INPAINT:
+            raise ValueError(f"{len(named)} training prompts name a start image ({named[0].name}, ...), but this is a "
+                             f"{inputs.describe()}: image-to-video rollouts need an InP model. Remove the images "
+                             "from the prompt lines or turn start_images off.")
+        for path in dict.fromkeys(named):
+            self._start_images[path] = load_start_image(path)
 
     def grad_steps_for(self, step: int, micro: int) -> Callable[[int], list[int]]:
         cfg = self.config
@@ -305,18 +357,21 @@ class RewardLoRATrainer:
         rewards, losses = [], []
         for micro in range(cfg.grad_accumulation):
             check_cancel()
-            prompts, seeds = self._micro_batch(step, micro)
-            uncond = bank.uncond(len(prompts)) if cfg.guidance_scale > 1 else None
+            prompts, seeds, images = self._micro_batch(step, micro)
+            uncond = bank.uncond(len(prompts)) if cfg.cfg > 1 else None
             with activation_offload(cfg, pipe.compute_device):
                 video = rollout_video(pipe, self.settings, bank.cond(prompts), uncond, seeds,
-                                      self.grad_steps_for(step, micro), cfg.detach_input, self._sampling_callback())
+                                      self.grad_steps_for(step, micro), cfg.drtune, self._sampling_callback(),
+                                      start_images=images)
+                if micro == 0 and self.run_log.wants_frames(step + 1):
+                    self.run_log.frames(step + 1, video)
                 with self.guards.updating_statistics():
                     scores = frame_rewards(self.reward, video, prompts, self.settings.num_sampled_frames)
-                loss = reward_loss(scores, cfg.max_reward, cfg.loss_scale)
+                loss = reward_loss(scores, self.max_reward, self.loss_scale)
                 if cfg.preserve != "none":  # the base model's rollout on the same noise and prompts
                     base = self.guards.base_rollout(lambda: rollout_video(
                         pipe, self.settings, bank.cond(prompts), uncond, seeds, (),
-                        step_callback=self._sampling_callback()))
+                        step_callback=self._sampling_callback(), start_images=images))
                     loss = loss + self.guards.preserve_loss(video, base)
             if not torch.isfinite(loss) and not self.dist.active:  # ranks: all stop after the reduction
                 raise _NonFinite(f"the loss is {loss.item()} at step {step + 1}")
@@ -344,9 +399,13 @@ class RewardLoRATrainer:
                         "from %g", step + 1, self.scaler.get_scale())
         else:
             self._skipped_in_a_row = 0
+        self._used_lr = current_learning_rate(self.optimizer)
         with critical():  # a stop signal waits for the whole update
             self.scaler.step(self.optimizer)  # without fp16 (scaler disabled): a plain optimizer.step()
             self.scaler.update()
+            with warnings.catch_warnings():  # a skipped fp16 step still advances the schedule, on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                self.lr_scheduler.step()  # the rate of the next step
         return reward, loss, grad_norm
 
     @torch.no_grad()
@@ -359,7 +418,7 @@ class RewardLoRATrainer:
             check_cancel()
             batch = [prompts[i] for i in mine[start:start + cfg.batch_size]]
             seeds = [cfg.seed + EVAL_SEED_OFFSET + i for i in mine[start:start + cfg.batch_size]]
-            uncond = bank.uncond(len(batch)) if cfg.guidance_scale > 1 else None
+            uncond = bank.uncond(len(batch)) if cfg.cfg > 1 else None
             video = rollout_video(pipe, self.eval_settings, bank.cond(batch), uncond, seeds, (),
                                   step_callback=self._sampling_callback())
             scores.append(frame_rewards(self.reward, self.guards.reward_frames(video), batch,
@@ -372,7 +431,7 @@ class RewardLoRATrainer:
             self._last_eval_motion = None if gathered is None else gathered.mean().item()
         else:
             self._last_eval_motion = None
-        return scores.mean().item(), reward_loss(scores, cfg.max_reward, cfg.loss_scale).item()
+        return scores.mean().item(), reward_loss(scores, self.max_reward, self.loss_scale).item()
 
     def _record_eval(self, pipe, bank: PromptBank) -> tuple[float, bool]:
         """Evaluate, record (a new best is saved as `<name>.best.safetensors`), and say whether
@@ -383,6 +442,8 @@ class RewardLoRATrainer:
         history["eval_step"].append(state.step)
         history["eval_reward"].append(reward)
         history["eval_loss"].append(loss)
+        self.run_log.scalar("held_out/reward", reward, state.step)
+        self.run_log.scalar("held_out/loss", loss, state.step)
         if math.isfinite(loss) and (state.best_eval is None or loss < state.best_eval):
             state.best_eval, state.evals_without_improvement = loss, 0
             state.best_step, state.best_eval_reward = state.step, reward
@@ -394,6 +455,16 @@ class RewardLoRATrainer:
         motion_stop = self.guards.record_eval(reward, self._last_eval_motion)
         patience = self.config.early_stop_patience
         return reward, bool(patience and state.evals_without_improvement >= patience) or motion_stop
+
+    def _validate(self, pipe, step: int) -> float | None:
+        """Validation videos when due (rank 0): saved, scored, recorded."""
+        if not self.dist.is_main or not self.validation.due(step, self.config.train_steps):
+            return None
+        reward = self.validation.run(pipe, self.reward, step, self.layout, self._sampling_callback())
+        self.state.history["validation_step"].append(step)
+        self.state.history["validation_reward"].append(reward)
+        self.run_log.scalar("validation/reward", reward, step)
+        return reward
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -424,8 +495,13 @@ class RewardLoRATrainer:
         self.state.stop_reason = stop_reason
         self.saved_path = self.layout.lora  # listed in run.json as this run's
         with critical():  # a stop signal waits until the files are complete
-            save_checkpoint(self.layout, self.lora.to_weights(), self.state, self.run_id, self._extra(),
+            weights = self.lora.to_weights()
+            save_checkpoint(self.layout, weights, self.state, self.run_id, self._extra(),
                             self.save_dtype, optimizer_state=self._optimizer_state())
+            if stop_reason == "periodic":  # numbered copies of the periodic saves, as the official checkpoints
+                save_numbered_checkpoint(self.layout, weights, self.state, self.run_id, self.save_dtype,
+                                         self.config.checkpoints_total_limit)
+            save_png(self.layout.plot, history_plot(self.state.history))
         return self.saved_path
 
     def _save_best(self) -> None:
@@ -473,65 +549,20 @@ class RewardLoRATrainer:
 
     def _train(self) -> TrainResult:
         cfg = self.config
-        check_training(self.pipe, cfg, self.reward)  # refuse before allocating (easyanimate/preflight.py)
-        self._freeze_frozen_parts()
-        sync_loras(self.model)  # LoRAs already on the wire stay applied under the one being trained
-        self._build_lora()
-        self._claim_files()
-        self.guards.reset()  # reward-normalisation statistics never leak from an earlier run
-        if self.resume_layout is not None:
-            self.guards.restore(read_run_record(self.resume_layout))
-        stop_reason = "finished"
+        self._prepare()
         if self.state.step >= cfg.train_steps:
             log.info("nothing to train: already at step %d of %d", self.state.step, cfg.train_steps)
             self.save("already done")
+            self.run_log.close()
             return self._result("already done")
         bank = PromptBank(self.pipe, self.prompts + self.eval_prompts, cfg.negative_prompt)
         restore_checkpointing = enable_gradient_checkpointing(self.pipe) if cfg.gradient_checkpointing else (lambda: None)
         self.lora.attach(self.pipe.transformer)
         try:
+            if self.dist.is_main:
+                self.validation.prepare(self.pipe)  # rank 0 samples the validation videos
             with hold_on_device(self.pipe) as pipe:
-                evaluating = cfg.eval_every > 0 and bool(self.eval_prompts)
-                if evaluating:
-                    self.guards.prepare_base(pipe, bank)  # the base model's held-out motion, once per run
-                if evaluating and not self.state.history["eval_step"]:
-                    self._record_eval(pipe, bank)  # baseline before any update
-                if self.progress is not None:
-                    self.progress(self.state.step, cfg.train_steps)
-                while self.state.step < cfg.train_steps:
-                    check_cancel()
-                    started = time.perf_counter()
-                    reward, loss, grad_norm = self._train_step(pipe, bank, self.state.step)
-                    self.state.step += 1
-                    step = self.state.step
-                    history = self.state.history
-                    history["step"].append(step)
-                    history["reward"].append(reward)
-                    history["loss"].append(loss)
-                    history["grad_norm"].append(grad_norm)
-                    eval_reward, early_stop = None, False
-                    if evaluating and step % cfg.eval_every == 0:
-                        eval_reward, early_stop = self._record_eval(pipe, bank)
-                    report = StepReport(step, cfg.train_steps, loss, reward, grad_norm,
-                                        time.perf_counter() - started, eval_reward)
-                    log.info("step %d/%d: reward %.5g loss %.5g grad norm %.3g (%.2f s)", step, cfg.train_steps,
-                             reward, loss, grad_norm, report.seconds)
-                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.train_steps:
-                        self.save("periodic")
-                    if self.on_step is not None:
-                        self.on_step(report)
-                    if self.progress is not None:
-                        self.progress(step, cfg.train_steps)
-                    if early_stop and self.guards.stop_reason:
-                        stop_reason = self.guards.stop_reason
-                        break
-                    if early_stop:
-                        stop_reason = "early stop"
-                        log.info("early stop at step %d: held-out reward did not improve in %d evaluations; "
-                                 "the best was at step %s (held-out reward %s), kept in %s", step,
-                                 cfg.early_stop_patience, self.state.best_step, self.state.best_eval_reward,
-                                 self.best_path)
-                        break
+                stop_reason = self._loop(pipe, bank)
         except _NonFinite as e:
             saved = self._save_last_good(f"stopped: {e}")
             where = f"the last good LoRA is in {saved}" if saved else "no LoRA file was written"
@@ -546,8 +577,70 @@ class RewardLoRATrainer:
             self.lora.detach()
             restore_checkpointing()
             bank.store.close()
+            self.validation.close()
+            self.run_log.close()
         self.save(stop_reason)
         return self._result(stop_reason)
+
+    def _prepare(self) -> None:
+        """Everything before the first rollout: refusals, frozen parts, the LoRA, the run's files."""
+        check_training(self.pipe, self.config, self.reward)  # refuse before allocating (easyanimate/preflight.py)
+        self._check_start_images()
+        self._freeze_frozen_parts()
+        sync_loras(self.model)  # LoRAs already on the wire stay applied under the one being trained
+        self._build_lora()
+        self._claim_files()
+        self.run_log = RunLog(self.layout, self.config, self.dist.is_main)
+        self.guards.reset()  # reward-normalisation statistics never leak from an earlier run
+        if self.resume_layout is not None:
+            self.guards.restore(read_run_record(self.resume_layout))
+
+    def _loop(self, pipe, bank: PromptBank) -> str:
+        """Optimizer steps until the end or a stop rule; returns why it stopped."""
+        cfg = self.config
+        evaluating = cfg.eval_every > 0 and bool(self.eval_prompts)
+        if evaluating:
+            self.guards.prepare_base(pipe, bank)  # the base model's held-out motion, once per run
+        if evaluating and not self.state.history["eval_step"]:
+            self._record_eval(pipe, bank)  # baseline before any update
+        if self.progress is not None:
+            self.progress(self.state.step, cfg.train_steps)
+        while self.state.step < cfg.train_steps:
+            check_cancel()
+            started = time.perf_counter()
+            reward, loss, grad_norm = self._train_step(pipe, bank, self.state.step)
+            report = self._record_step(reward, loss, grad_norm, time.perf_counter() - started)
+            early_stop = False
+            if evaluating and report.step % cfg.eval_every == 0:
+                report.eval_reward, early_stop = self._record_eval(pipe, bank)
+            report.validation_reward = self._validate(pipe, report.step)
+            if cfg.save_every and report.step % cfg.save_every == 0 and report.step < cfg.train_steps:
+                self.save("periodic")
+            if self.on_step is not None:
+                self.on_step(report)
+            if self.progress is not None:
+                self.progress(report.step, cfg.train_steps)
+            if early_stop:
+                return self._early_stop_reason(report.step)
+        return "finished"
+
+    def _record_step(self, reward: float, loss: float, grad_norm: float, seconds: float) -> StepReport:
+        self.state.step += 1
+        step, history, lr = self.state.step, self.state.history, self._used_lr
+        for key, value in (("step", step), ("reward", reward), ("loss", loss), ("grad_norm", grad_norm), ("lr", lr)):
+            history[key].append(value)
+        self.run_log.step(step, reward, loss, grad_norm, lr, seconds)
+        log.info("step %d/%d: reward %.5g loss %.5g grad norm %.3g lr %.3g (%.2f s)", step, self.config.train_steps,
+                 reward, loss, grad_norm, lr, seconds)
+        return StepReport(step, self.config.train_steps, loss, reward, grad_norm, seconds, lr=lr)
+
+    def _early_stop_reason(self, step: int) -> str:
+        if self.guards.stop_reason:
+            return self.guards.stop_reason
+        log.info("early stop at step %d: held-out reward did not improve in %d evaluations; the best was at step %s "
+                 "(held-out reward %s), kept in %s", step, self.config.early_stop_patience, self.state.best_step,
+                 self.state.best_eval_reward, self.best_path)
+        return "early stop"
 
 
 def history_plot(history: dict, width: int = 640, height: int = 300) -> torch.Tensor:
