@@ -30,14 +30,11 @@ import sys
 
 import torch
 
-from ..easyanimate.memory import MEMORY_MODES
-from ..easyanimate.loading import PRECISIONS
+from ..easyanimate.memory import TRAINING_MEMORY_MODES
+from ..easyanimate.precision import PRECISIONS, SAVE_DTYPES
 from .config import PromptSources, TrainConfig
 from .settings import add_cli_arguments, cli_values
 
-# Training needs the weights resident during backward: no sequential offload.
-TRAINING_MEMORY_MODES = ("none", "model_cpu_offload", "model_cpu_offload_and_qfloat8",
-                         *(m for m in MEMORY_MODES if m.startswith("block_swap")))
 
 log = logging.getLogger("easyanimate_reward.training")
 
@@ -66,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "float32 weights from its run folder (exact resume). --resume OUT with --lora-name OUT "
                              "writes on into the same run; another --lora-name starts a new run from it")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
-    parser.add_argument("--memory-mode", default="model_cpu_offload", choices=TRAINING_MEMORY_MODES)
+    parser.add_argument("--memory-mode", default="model_cpu_offload", choices=list(TRAINING_MEMORY_MODES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reward-dtype", default=None, help="reward weight dtype (default: the model precision)")
-    parser.add_argument("--save-dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the LoRA file")
+    parser.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default="bf16", help="dtype of the LoRA file")
     parser.add_argument("--reward-normalization", choices=["none", "scale", "zscore"], default="none",
                         help="normalise each term of a combined --reward first: by its kind's typical range (scale) "
                              "or by running statistics saved with the checkpoints (zscore)")
@@ -122,7 +119,7 @@ def _train(args, config: TrainConfig, sources: PromptSources, dist, device) -> i
     trainer = RewardLoRATrainer(
         EasyAnimateModel(pipe), reward, prompts, config, output_path=args.lora_name, run_dir=args.run_dir,
         eval_prompts=eval_prompts, validation_prompts=validation_prompts, resume_from=args.resume,
-        save_dtype=torch.float32 if args.save_dtype == "fp32" else torch.bfloat16,
+        save_dtype=SAVE_DTYPES[args.save_dtype],
         extra_info={"reward": args.reward, "model": args.model, "world_size": dist.world_size,
                     "global_batch": config.batch_size * dist.world_size * config.grad_accumulation},
         distributed=dist)

@@ -270,10 +270,10 @@ class TrainConfig:
                                                   "never).", min=0, max=1_000_000)
 
     def validate(self) -> "TrainConfig":
-        from ..easyanimate.sampling import check_video_size
+        from ..easyanimate.sampling import VideoSize
 
-        check_video_size(self.width, self.height, self.frames)
-        check_video_size(self.validation_width, self.validation_height, self.validation_frames)
+        VideoSize.of(self).check()
+        VideoSize(self.validation_width, self.validation_height, self.validation_frames).check()
         for row in rows(TrainConfig):  # ranges and choices of the table, for the CLI and Python as for the node
             _check_row(row, getattr(self, row.name))
         if self.learning_rate <= 0 or self.adam_eps <= 0:

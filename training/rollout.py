@@ -28,6 +28,7 @@ from ..easyanimate.sampling import (
 )
 from ..easyanimate.step_cache import DEFAULT_TEACACHE_THRESHOLD, SpeedSettings
 from ..easyanimate.text import TextConditioning, encode_prompts
+from ..reward.base import module_device
 from ..reward.video import score_per_video
 from .config import TrainConfig
 from .embedding_store import DEFAULT_RAM_LIMIT, EmbeddingStore
@@ -212,7 +213,17 @@ def sampled_frame_indices(available: int, count: int) -> list[int]:
         return list(range(available))
     if count > available:
         raise ValueError(f"num_sampled_frames {count} exceeds the {available} decoded frames")
-    return torch.linspace(0, available - 1, count).long().tolist()
+    # Real numbers even while a memory simulation runs under FakeTensorMode (no data there).
+    with _real_tensors():
+        return torch.linspace(0, available - 1, count).long().tolist()
+
+
+def _real_tensors():
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # older torch: no fake mode to step out of
+        return contextlib.nullcontext()
+    return unset_fake_temporarily()
 
 
 def pick_frames(video: torch.Tensor, count: int) -> torch.Tensor:
@@ -227,7 +238,7 @@ def frame_rewards(reward, video: torch.Tensor, prompts: Sequence[str], count: in
     frames = pick_frames(video, count)
     per_video = frames.shape[0] // video.shape[0]
     frame_prompts = [p for p in prompts for _ in range(per_video)]
-    device = _module_device(reward)
+    device = module_device(reward)
     if device is not None and frames.device != device:
         frames = frames.to(device)
     # A time-aware term (motion, temporal consistency) only ever sees one video's frames.
@@ -247,10 +258,3 @@ def reward_loss(rewards: torch.Tensor, max_reward: float | None = None, scale: f
     if max_reward is None:
         return -rewards.mean() * scale
     return (rewards - max_reward).abs().mean() * scale
-
-
-def _module_device(module) -> torch.device | None:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return None
-
