@@ -74,9 +74,12 @@ def plot_series(
     ylabel: str = "",
     width: int = 640,
     height: int = 360,
+    x: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Plot named series (x = index 0..n-1) -> (1, height, width, 3) float32 in [0, 1].
+    """Plot named series -> (1, height, width, 3) float32 in [0, 1].
 
+    x: the x position of each point (finite numbers, one per point; uneven spacing is kept) and the
+    x tick labels, one at each of them; default: the index 0..n-1 with about 8 integer ticks.
     Non-finite values (NaN, inf) leave gaps in a line. A series of one point is drawn as a dot.
     """
     image = Image.new("RGB", (width, height), BACKGROUND)
@@ -95,25 +98,34 @@ def plot_series(
     plot_w, plot_h = max(right - left, 1), max(bottom - top, 1)
 
     length = max([len(v) for v in series.values()] + [1])
-    x_span = max(length - 1, 1)
+    positions = [float(i) for i in range(length)] if x is None else [float(v) for v in x]
+    if len(positions) < length or not all(math.isfinite(v) for v in positions):
+        raise ValueError(f"plot_series: x needs {length} finite positions, got {list(x or [])}")
+    x_low, x_high = min(positions), max(positions)
+    x_span = x_high - x_low
 
-    def to_px(index: float, value: float) -> tuple[float, float]:
-        x = left + plot_w * (index / x_span if length > 1 else 0.5)
+    def to_px(index: int, value: float) -> tuple[float, float]:
+        px = left + plot_w * ((positions[index] - x_low) / x_span if x_span > 0 else 0.5)
         y = bottom - plot_h * (value - low) / (high - low)
-        return x, y
+        return px, y
 
     # Grid and y tick labels.
     for value, label in zip(y_ticks, tick_labels):
         _, y = to_px(0, value)
         draw.line([(left, y), (right, y)], fill=GRID, width=1)
         draw.text((left - 6 - _text_width(draw, label, font), y - 7), label, fill=AXIS, font=font)
-    # x tick labels: integer indices, about 8 of them.
-    step = max(1, math.ceil(length / 8))
+    # x tick labels: about 8 integer indices, or every given x position (a label that would overlap
+    # the previous one is left out; its tick stays).
+    step = max(1, math.ceil(length / 8)) if x is None else 1
+    label_end = -math.inf
     for index in range(0, length, step):
-        x, _ = to_px(index, low)
-        draw.line([(x, bottom), (x, bottom + 4)], fill=AXIS, width=1)
-        label = str(index)
-        draw.text((x - _text_width(draw, label, font) / 2, bottom + 5), label, fill=AXIS, font=font)
+        px, _ = to_px(index, low)
+        draw.line([(px, bottom), (px, bottom + 4)], fill=AXIS, width=1)
+        label = str(index) if x is None else format_tick(positions[index])
+        start = px - _text_width(draw, label, font) / 2
+        if start > label_end + 4:
+            draw.text((start, bottom + 5), label, fill=AXIS, font=font)
+            label_end = start + _text_width(draw, label, font)
     draw.rectangle([left, top, right, bottom], outline=AXIS, width=1)
 
     # Lines (broken at non-finite values).
