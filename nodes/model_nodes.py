@@ -18,6 +18,12 @@ from .speed import PREVIEW_EVERY, latent_previewer, speed_inputs
 CATEGORY = "EasyAnimate"
 SAMPLER_FIELDS = ("prompt", "negative_prompt", "width", "height", "frames", "steps", "cfg", "seed", "scheduler",
                   "videos")
+MEMORY_MODE_TOOLTIP = (
+    "none: all on the GPU. model_cpu_offload: each part on the GPU only while used. model_cpu_offload_and_qfloat8: "
+    "also stores transformer Linear weights in fp8 (half the VRAM, small quality cost; norm modulation and proj_out "
+    "stay in the compute dtype). sequential_cpu_offload: layer by layer (least VRAM, slowest). block_swap_N: N "
+    "transformer blocks stay on the GPU, the rest stream from pinned RAM with prefetch (12b has 48 blocks, 7b 36; "
+    "faster than sequential).")
 
 
 class EasyAnimateModelLoader(io.ComfyNode):
@@ -34,12 +40,7 @@ class EasyAnimateModelLoader(io.ComfyNode):
                 io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
                                tooltip="Weight and compute dtype. bf16 is what the models were trained in."),
                 io.Combo.Input("gpu_memory_mode", options=list(MEMORY_MODES), default="model_cpu_offload",
-                               tooltip="none: all on the GPU. model_cpu_offload: each part on the GPU only while used. "
-                                       "model_cpu_offload_and_qfloat8: also stores transformer Linear weights in fp8 "
-                                       "(half the VRAM, small quality cost; norm modulation and proj_out stay in the "
-                                       "compute dtype). sequential_cpu_offload: layer by layer (least VRAM, slowest). "
-                                       "block_swap_N: N transformer blocks stay on the GPU, the rest stream from "
-                                       "pinned RAM with prefetch (12b has 48 blocks, 7b 36; faster than sequential)."),
+                               tooltip=MEMORY_MODE_TOOLTIP),
             ],
             outputs=[model_output("The loaded model, for samplers, Apply LoRA, the trainer and the sweep.")],
         )

@@ -18,7 +18,7 @@ from ..reward.registry import (REWARD_KINDS, SCORINGS, check_files, expected_fil
                                load_reward, scoring_options)
 from ..reward.scoring import format_frame_scores, format_ranking, rank_videos, score_images, select_videos
 from .common import REWARD_FOLDER, progress_callback
-from .schema import (image_output, node_schema, reward_input, reward_output, reward_prompt_input, scoring_batch_input,
+from .schema import (image_output, node_schema, reward_and_frames, reward_input, reward_output, reward_prompt_input, scoring_batch_input,
                      shown, text_output)
 
 CATEGORY = "EasyAnimate/reward"
@@ -141,8 +141,7 @@ class RewardScoreFrames(io.ComfyNode):
             "Scores every frame of an IMAGE batch (one video, frames in order) with a reward; outputs the mean, the "
             "per-frame scores and a plot of score per frame, and shows the scores on the node.",
             inputs=[
-                reward_input(),
-                io.Image.Input("frames", tooltip="Frames (N, H, W, 3) in 0..1, e.g. a sampled video."),
+                *reward_and_frames("Frames (N, H, W, 3) in 0..1, e.g. a sampled video."),
                 reward_prompt_input("frames"),
                 scoring_batch_input(),
             ],
@@ -172,8 +171,7 @@ class RewardRankCandidates(io.ComfyNode):
             "Best-of-N: scores candidate videos laid out one after another in an IMAGE batch (N = candidates x "
             "frames_per_video) and keeps the top_k by mean frame score; shows the ranking on the node.",
             inputs=[
-                reward_input(),
-                io.Image.Input("frames", tooltip="All candidates' frames, video after video."),
+                *reward_and_frames("All candidates' frames, video after video."),
                 io.Int.Input("frames_per_video", default=25, min=1, max=4096,
                              tooltip="Frames in each candidate video; the batch size must be a multiple of it."),
                 reward_prompt_input("videos"),

@@ -51,6 +51,11 @@ def reward_output(tooltip: str):
     return RewardModelType.Output(display_name="reward", tooltip=tooltip)
 
 
+def reward_and_frames(frames_tooltip: str) -> list:
+    """The inputs of a node that scores an IMAGE batch: the reward, then the frames."""
+    return [reward_input(), io.Image.Input("frames", tooltip=frames_tooltip)]
+
+
 def reward_prompt_input(what: str = "frames"):
     return io.String.Input("prompt", multiline=True, default="",
                            tooltip=f"The prompt the {what} should match (ignored by prompt-free rewards).")
