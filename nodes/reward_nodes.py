@@ -18,7 +18,7 @@ from ..reward.registry import (REWARD_KINDS, SCORINGS, check_files, expected_fil
                                load_reward, scoring_options)
 from ..reward.scoring import format_frame_scores, format_ranking, rank_videos, score_images, select_videos
 from .common import REWARD_FOLDER, progress_callback
-from .schema import (image_output, node_schema, reward_and_frames, reward_input, reward_output, reward_prompt_input, scoring_batch_input,
+from .schema import (image_output, node_id, node_schema, reward_and_frames, reward_input, reward_output, reward_prompt_input, scoring_batch_input,
                      shown, text_output)
 
 CATEGORY = "EasyAnimate/reward"
@@ -151,6 +151,7 @@ class RewardScoreFrames(io.ComfyNode):
                 image_output("plot", "Score per frame, as an image."),
             ],
             output_node=True,
+            node_id_input=True,
         )
 
     @classmethod
@@ -160,7 +161,8 @@ class RewardScoreFrames(io.ComfyNode):
         mean = float(scores.mean())
         plot = plot_series({reward.name: values}, f"{reward.name}: mean {mean:.4g}", "frame", "score")
         text = format_frame_scores(values)
-        return shown(mean, text, plot, text=f"{reward.name} mean {mean:.4f} over {len(values)} frames\n{text}")
+        return shown(mean, text, plot, text=f"{reward.name} mean {mean:.4f} over {len(values)} frames\n{text}",
+                     node=node_id(cls))
 
 
 class RewardRankCandidates(io.ComfyNode):
@@ -184,6 +186,7 @@ class RewardRankCandidates(io.ComfyNode):
                 text_output("scores", "Every candidate's rank, index and mean score."),
             ],
             output_node=True,
+            node_id_input=True,
         )
 
     @classmethod
@@ -192,7 +195,7 @@ class RewardRankCandidates(io.ComfyNode):
                              progress=progress_callback(frames.shape[0]))
         best = select_videos(frames, frames_per_video, [video.index for video in ranked[:top_k]])
         text = format_ranking(ranked)
-        return shown(best, text, text=f"{reward.name}, best first:\n{text}")
+        return shown(best, text, text=f"{reward.name}, best first:\n{text}", node=node_id(cls))
 
 
 NODES = [RewardModelLoader, RewardCombine, RewardScoreFrames, RewardRankCandidates]

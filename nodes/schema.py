@@ -26,8 +26,17 @@ def node_id(cls) -> str | None:
     return cls.hidden.unique_id if cls.hidden else None
 
 
-def shown(*outputs, text: str) -> io.NodeOutput:
-    """The node's outputs, with `text` shown on the node in the front end (and kept in /history)."""
+def shown(*outputs, text: str, node: str | None = None) -> io.NodeOutput:
+    """The node's outputs, with `text` as the node's UI output (kept in /history, as ComfyUI's own
+    nodes return text). With the running node's id (`node_id(cls)`) the text is also drawn on the
+    node in the front end (the host's progress-text message, as the trainer shows its summary)."""
+    if node is not None:
+        try:
+            from server import PromptServer
+
+            PromptServer.instance.send_progress_text(text, node)
+        except Exception:  # noqa: BLE001 - no server (the node run from Python): /history still has it
+            pass
     return io.NodeOutput(*outputs, ui={"text": (text,)})
 
 

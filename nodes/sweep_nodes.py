@@ -58,7 +58,7 @@ class EasyAnimateStrengthSweep(io.ComfyNode):
             score=lambda video: float(score_images(reward, video, prompt, batch_size).mean()),
             progress=progress_callback(steps * len(parse_strengths(strengths)), node_id(cls)))
         text = result.text(reward.name)
-        return shown(result.frames(), text, result.plot(reward.name), text=text)
+        return shown(result.frames(), text, result.plot(reward.name), text=text, node=node_id(cls))
 
 
 NODES = [EasyAnimateStrengthSweep]
