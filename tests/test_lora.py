@@ -438,12 +438,17 @@ def test_save_merged_model_reloads(official, tmp_path, original_keys):
         save_merged_model(pipe, live.loras, dest)
 
 
-def test_merge_into_base_resets_the_patcher(official):
+def patched_at_half(official):
+    """The official LoRA patched in (fused) at strength 0.5: model, weights, patcher, the weights' snapshot."""
     model, _, file = official
     weights = load_lora_file(file, model)
     patcher = LoraPatcher()
     apply(patcher, model, weights, 0.5)
-    expected = snapshot(model)
+    return model, weights, patcher, snapshot(model)
+
+
+def test_merge_into_base_resets_the_patcher(official):
+    model, weights, patcher, expected = patched_at_half(official)
     merge_into_base(model, (AppliedLora("a", weights, 0.5),), patcher=patcher)
     assert_bitwise(model, expected)
     apply(patcher, model, weights, 0.0)  # nothing patched now; the merged weights are the new base
@@ -488,11 +493,7 @@ def test_under_sequential_offload_hooks_with_progress(official):
 
 
 def test_a_stack_that_does_not_fit_changes_nothing(official):
-    model, tensors, file = official
-    weights = load_lora_file(file, model)
-    patcher = LoraPatcher()
-    apply(patcher, model, weights, 0.5)
-    patched = snapshot(model)
+    model, weights, patcher, patched = patched_at_half(official)
     wide = weights_from_tensors(random_lora(tiny_transformer(heads=3)), alpha=ALPHA)
     with pytest.raises(ValueError, match="made for another model"):
         patcher.sync(model, (AppliedLora("a", weights, 0.9), AppliedLora("wide", wide, 1.0)))

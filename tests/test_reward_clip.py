@@ -296,15 +296,20 @@ def test_folder_tokenizer_files_match_open_clip_ids(files, pick_reward, frames, 
         assert torch.allclose(reward(frames, PROMPTS), pick_reward(frames, PROMPTS), atol=1e-6)
 
 
-def test_pickscore_gradients_and_batch_independence(pick_reward, frames):
+def check_gradients_and_batch_independence(reward, frames):
+    """Gradients reach the frames (never the frozen weights), and a batch scores as its items alone."""
     x = frames.clone().requires_grad_(True)
-    scores = pick_reward(x, PROMPTS)
+    scores = reward(x, PROMPTS)
     scores.sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in pick_reward.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in reward.parameters())
     with torch.no_grad():
-        single = torch.cat([pick_reward(frames[i : i + 1], [PROMPTS[i]]) for i in range(2)])
+        single = torch.cat([reward(frames[i : i + 1], [PROMPTS[i]]) for i in range(2)])
     assert torch.allclose(scores.detach(), single, atol=1e-5)
+
+
+def test_pickscore_gradients_and_batch_independence(pick_reward, frames):
+    check_gradients_and_batch_independence(pick_reward, frames)
 
 
 def test_pickscore_bf16_loader(files, pick_reward, frames):
@@ -408,14 +413,7 @@ def test_mps_matches_direct_formula(mps_reward, files, frames, keep, monkeypatch
 
 
 def test_mps_gradients_and_batch_independence(mps_reward, frames):
-    x = frames.clone().requires_grad_(True)
-    scores = mps_reward(x, PROMPTS)
-    scores.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in mps_reward.parameters())
-    with torch.no_grad():
-        single = torch.cat([mps_reward(frames[i : i + 1], [PROMPTS[i]]) for i in range(2)])
-    assert torch.allclose(scores.detach(), single, atol=1e-5)
+    check_gradients_and_batch_independence(mps_reward, frames)
 
 
 def test_mps_cross_config_read_from_checkpoint(mps_reward):

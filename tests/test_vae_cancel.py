@@ -12,6 +12,22 @@ from easyanimate_reward.easyanimate.tiny import build_tiny_vae
 from vae_helpers import CallSpy, Interrupted, make_pipe, seeded_latents
 
 
+def chunks_before_cancel(module, after: int, work) -> int:
+    """Run `work` with Cancel pressed once `module` ran `after` times; how many times it ran."""
+    spy = CallSpy(module)
+
+    def interrupt():
+        if spy.calls >= after:
+            raise Interrupted("cancel pressed")
+
+    try:
+        with cancel_check(interrupt), pytest.raises(Interrupted, match="cancel pressed"):
+            work()
+    finally:
+        spy.remove()
+    return spy.calls
+
+
 @pytest.fixture(scope="module")
 def vae():
     return build_tiny_vae(seed=1).eval()
@@ -19,18 +35,9 @@ def vae():
 
 def test_cancel_during_decode_stops_before_the_next_latent_chunk(vae):
     latents = seeded_latents(frames=5)  # 5 latent frames = 5 decoder chunks
-    spy = CallSpy(vae.decoder)
-
-    def interrupt_after_two_chunks():
-        if spy.calls >= 2:
-            raise Interrupted("cancel pressed")
-
-    try:
-        with cancel_check(interrupt_after_two_chunks), pytest.raises(Interrupted, match="cancel pressed"):
-            decode_latents(make_pipe(vae, vae_budget_bytes=None), latents * vae.config.scaling_factor)
-    finally:
-        spy.remove()
-    assert spy.calls == 2
+    calls = chunks_before_cancel(vae.decoder, 2, lambda: decode_latents(make_pipe(vae, vae_budget_bytes=None),
+                                                                          latents * vae.config.scaling_factor))
+    assert calls == 2
 
 
 def test_decode_after_an_interrupted_one_equals_a_clean_decode(vae):
@@ -51,18 +58,8 @@ def test_cancel_during_encode_stops_before_the_next_frame_chunk(vae):
     shape = latent_shape(1, 48, 48, 13)  # the encoder runs 1 + 4 + 4 + 4 frames: 4 chunks
     image = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     clean = inpaint_condition(pipe, shape, 13, image, [0])
-    spy = CallSpy(vae.encoder)
-
-    def interrupt_after_two_chunks():
-        if spy.calls >= 2:
-            raise Interrupted("cancel pressed")
-
-    try:
-        with cancel_check(interrupt_after_two_chunks), pytest.raises(Interrupted, match="cancel pressed"):
-            inpaint_condition(pipe, shape, 13, image, [0])
-    finally:
-        spy.remove()
-    assert spy.calls == 2
+    calls = chunks_before_cancel(vae.encoder, 2, lambda: inpaint_condition(pipe, shape, 13, image, [0]))
+    assert calls == 2
     assert torch.equal(inpaint_condition(pipe, shape, 13, image, [0]), clean)  # cache reset after the stop
 
 
