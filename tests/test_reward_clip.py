@@ -196,20 +196,26 @@ def _count_text_rows(embedding: torch.nn.Module) -> tuple[list[int], object]:
     return rows, handle
 
 
+def check_one_text_row_per_prompt(reward, token_embedding, four, before):
+    """Scoring four frames against PROMPT_ROWS (two distinct prompts) runs the text tower on two rows
+    and gives the scores of encoding every row."""
+    rows, handle = _count_text_rows(token_embedding)
+    try:
+        with torch.no_grad():
+            ours = reward(four, PROMPT_ROWS)
+    finally:
+        handle.remove()
+    assert rows == [2]
+    assert torch.allclose(ours, before, atol=1e-6, rtol=0), (ours, before)
+
+
 def test_hps_encodes_each_distinct_prompt_once(hps_reward, frames):
     four = torch.cat([frames, frames.flip(0)])
     model = hps_reward.model
     with torch.no_grad():  # the text tower on all four rows, as before deduplication
         every_row = model.encode_text(open_clip_tokenizer()(PROMPT_ROWS), normalize=True)
         before = (hps_reward.image_embeddings(four) * every_row).sum(-1)
-    rows, handle = _count_text_rows(model.token_embedding)
-    try:
-        with torch.no_grad():
-            ours = hps_reward(four, PROMPT_ROWS)
-    finally:
-        handle.remove()
-    assert rows == [2]
-    assert torch.allclose(ours, before, atol=1e-6, rtol=0), (ours, before)
+    check_one_text_row_per_prompt(hps_reward, model.token_embedding, four, before)
 
 
 def test_pickscore_encodes_each_distinct_prompt_once(pick_reward, frames):
@@ -220,14 +226,7 @@ def test_pickscore_encodes_each_distinct_prompt_once(pick_reward, frames):
         image = pickscore.clip_image_embeddings(model, pixels)
         text = pickscore.clip_text_embeddings(model, open_clip_tokenizer()(PROMPT_ROWS))
         before = model.logit_scale.exp() * F.cosine_similarity(image, text, dim=-1)
-    rows, handle = _count_text_rows(model.text_model.embeddings.token_embedding)
-    try:
-        with torch.no_grad():
-            ours = pick_reward(four, PROMPT_ROWS)
-    finally:
-        handle.remove()
-    assert rows == [2]
-    assert torch.allclose(ours, before, atol=1e-6, rtol=0), (ours, before)
+    check_one_text_row_per_prompt(pick_reward, model.text_model.embeddings.token_embedding, four, before)
 
 
 def _mps_score_every_row(reward: mps.MPSReward, frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
