@@ -116,3 +116,14 @@ def test_every_workflow_has_a_thumbnail(name):
         image.load()
         assert image.size[0] >= 480 and image.size[1] >= 300, image.size
         assert len(set(image.convert("L").resize((32, 20)).getdata())) > 8  # a picture, not a blank page
+
+
+def test_the_host_serves_the_thumbnails_where_the_template_browser_looks(comfy_server):
+    from urllib import request
+
+    import host
+
+    for name in workflows.workflow_names():
+        # The front end's getTemplateThumbnailUrl for a custom node's template: /api/workflow_templates/<pack>/<name>.jpg
+        with request.urlopen(f"{comfy_server.url}/api/workflow_templates/{host.PACK_NAME}/{name}.jpg", timeout=30) as r:
+            assert r.read(3) == b"\xff\xd8\xff", name  # JPEG start-of-image marker
