@@ -35,6 +35,18 @@ def test_every_input_and_output_of_every_node_has_a_tooltip(comfy_server):
     assert missing == [], "sockets without a tooltip:\n" + "\n".join(missing)
 
 
+def test_the_sweep_takes_the_samplers_inputs_as_the_sampler_defines_them(comfy_server):
+    info = comfy_server.object_info()
+    sampler = info["EasyAnimateReward_Sampler"]["input"]["required"]
+    sweep = info["EasyAnimateReward_StrengthSweep"]["input"]["required"]
+    shared = ("prompt", "negative_prompt", "width", "height", "frames", "steps", "cfg", "seed", "scheduler")
+    for name in shared:
+        assert sweep[name] == sampler[name], name  # type, default, range, step and tooltip
+    order = info["EasyAnimateReward_StrengthSweep"]["input_order"]["required"]
+    assert order == ["model", "lora_name", "reward", "prompt", "negative_prompt", "strengths", "width", "height",
+                     "frames", "steps", "cfg", "seed", "scheduler", "mode", "batch_size"]  # saved workflows' order
+
+
 def test_scoring_ranking_and_sweep_nodes_are_output_nodes(comfy_server):
     nodes = comfy_server.object_info()
     for name in ("RewardScoreFrames", "RewardRankCandidates", "StrengthSweep"):
