@@ -11,7 +11,6 @@ there, like the transformer/VAE paths do.
 from __future__ import annotations
 
 import json
-import os
 import re
 import zipfile
 from pathlib import Path

@@ -23,6 +23,7 @@ MODE_TOOLTIP = (
     f"Default: {DEFAULT_MODE}."
 )
 
+
 class EasyAnimateLoraApply(io.ComfyNode):
     @classmethod
     def define_schema(cls):
