@@ -142,13 +142,19 @@ def probe_writable(path: str | os.PathLike) -> None:
         raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 
-def confined_path(root: str | os.PathLike, name: str, what: str = "name", plain_name: bool = False) -> Path:
+def confined_path(root: str | os.PathLike, name: str, what: str = "name", plain_name: bool = False,
+                  links_inside: bool = False) -> Path:
     """`name` (typed by a user or taken from a workflow) resolved inside `root`, or ValueError.
 
-    No absolute paths, home shortcuts, control characters or '..' parts: the name itself cannot
-    lead out of `root`. Symlinks inside `root` are followed as they are: they are the user's own
-    set-up (a models folder linked from another disk), not something a workflow can create.
-    plain_name: a single entry directly in `root` (no separators, no drive letters)."""
+    The one confinement rule of the pack. No absolute paths, home shortcuts, control characters or
+    '..' parts: the name itself cannot lead out of `root`. Symlinks inside `root` are followed as
+    they are: they are the user's own set-up (a models folder linked from another disk), not
+    something a workflow can create.
+    plain_name: a single entry directly in `root` (no separators, no drive letters).
+    links_inside: also refuse a name whose links resolve outside `root` (for names read from files
+    that came with a download, such as a shard index)."""
+    if not isinstance(name, str) or "\x00" in name:
+        raise ValueError(f"{what} {name!r} must be a relative path inside {os.path.abspath(root)} (it is not a name)")
     text = (name or "").strip()
     kind = "plain name" if plain_name else "relative path"
     problem = None
@@ -167,6 +173,10 @@ def confined_path(root: str | os.PathLike, name: str, what: str = "name", plain_
     if problem is None and (os.path.commonpath([root_abs, path]) != root_abs or path == root_abs
                             or (plain_name and os.path.dirname(path) != root_abs)):
         problem = "it leaves the folder"
+    if problem is None and links_inside:
+        real_root, real = os.path.realpath(root_abs), os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            problem = f"it resolves to {real}, outside the folder"
     if problem is not None:
         raise ValueError(f"{what} {name!r} must be a {kind} inside {root_abs} ({problem})")
     return Path(path)

@@ -11,11 +11,12 @@ there, like the transformer/VAE paths do.
 from __future__ import annotations
 
 import json
-import os
 import re
 import zipfile
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Iterable
+
+from ..fileio import confined_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_TEXT_FILES = ("vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
@@ -27,20 +28,14 @@ class FolderFileError(ValueError):
 
 
 def confined_shard(index: Path, name: object) -> Path:
-    """A shard file named by `index` (a *.index.json weight_map value), inside the index's folder.
-    Absolute names, drive letters, `..` and links that lead out of the folder are refused."""
-    folder = index.parent
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise FolderFileError(f"{index} names a shard {name!r} that is not a file name")
-    if (PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
-            or name.startswith("~") or ".." in re.split(r"[\\/]", name)):
-        raise FolderFileError(f"{index} names shard {name!r} outside its folder {folder}; shard files must sit "
-                              "beside the index (plain names such as model-00001-of-00002.safetensors)")
-    path = folder / name
-    real_folder, real = os.path.realpath(folder), os.path.realpath(path)
-    if os.path.commonpath([real_folder, real]) != real_folder:
-        raise FolderFileError(f"{index} names shard {name!r}, which resolves to {real} outside {folder}")
-    return path
+    """A shard file named by `index` (a *.index.json weight_map value), inside the index's folder
+    (fileio.confined_path, links included): absolute names, drive letters, `..` and links that lead
+    out of the folder are refused."""
+    try:
+        return confined_path(index.parent, name, what=f"{index} names shard", links_inside=True)
+    except ValueError as e:
+        raise FolderFileError(f"{e}; the shard is outside its folder {index.parent}: shard files must sit beside "
+                              "the index (plain names such as model-00001-of-00002.safetensors)") from e
 
 
 def read_shard_index(index: Path, what: str) -> list[Path]:

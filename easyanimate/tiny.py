@@ -22,9 +22,13 @@ import torch
 
 from ..fileio import atomic_folder
 
-# Widths of the tiny models. Text widths differ on purpose (32 vs 24) so a swapped encoder fails.
+# Widths of the tiny models. The text widths keep the published models' relations at 1/64 scale:
+# V5 projects Bert (1024) and T5 (2048) hidden states, V5.1 Qwen2-VL-7B's (3584). So every text
+# width differs (a swapped encoder fails), and a V5.1 LoRA's text_proj (input 56) does not fit tiny
+# V5's (input 16) and the reverse: the wrong-version refusal shows on the tiny models as on the real.
 TINY_HEADS, TINY_HEAD_DIM = 2, 16
-BERT_WIDTH, T5_WIDTH, QWEN_WIDTH = 32, 24, 32
+BERT_WIDTH, T5_WIDTH, QWEN_WIDTH = 16, 32, 56
+QWEN_HEADS = 2  # head dim 28; the multimodal rope sections cover half of it: 4 + 5 + 5 = 14
 
 _CORPUS = [
     "a cat playing piano in a sunny room",
@@ -104,7 +108,7 @@ def _write_bert(dest: Path, seed: int) -> None:
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=len(vocab), hidden_size=BERT_WIDTH, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        intermediate_size=32, max_position_embeddings=128,
     )
     BertModel(cfg).save_pretrained(dest / "text_encoder", safe_serialization=True)
 
@@ -165,9 +169,9 @@ def _write_qwen2vl(dest: Path, seed: int) -> None:
     vocab = len(tok)
     cfg = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=vocab, hidden_size=QWEN_WIDTH, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            vocab_size=vocab, hidden_size=QWEN_WIDTH, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=QWEN_HEADS, num_key_value_heads=1, max_position_embeddings=512,
+            rope_scaling={"type": "mrope", "mrope_section": [4, 5, 5]},
             bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
             eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         ),

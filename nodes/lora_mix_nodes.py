@@ -13,7 +13,7 @@ from ..easyanimate.lora_format import load_lora_file, save_lora_file
 from ..easyanimate.lora_mix import mix_loras, rounding_error
 from ..easyanimate.precision import SAVE_DTYPES
 from .common import LORA_FOLDER, lora_file_names, output_subpath
-from .types import EasyAnimateModelType
+from .schema import model_input, node_schema, shown, text_output
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,7 @@ NONE = "[none]"
 class EasyAnimateLoraMix(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        inputs = [EasyAnimateModelType.Input("model", tooltip="The model the LoRAs are for (their keys are "
-                                                               "checked against its transformer).")]
+        inputs = [model_input("The model the LoRAs are for (their keys are checked against its transformer).")]
         for slot in range(1, SLOTS + 1):
             inputs.append(io.Combo.Input(f"lora_{slot}", options=[NONE] + lora_file_names(),
                                          default=NONE, optional=slot > 1,
@@ -43,17 +42,15 @@ class EasyAnimateLoraMix(io.ComfyNode):
                             tooltip="File name in models/loras ('.safetensors' is added); an existing file is never "
                                     "replaced."),
         ]
-        return io.Schema(
-            node_id="EasyAnimateReward_LoraMix",
-            display_name="EasyAnimate Mix LoRAs",
-            category="EasyAnimate/lora",
-            description="Mixes several LoRAs with weights into one LoRA file (e.g. 0.5 x HPS + 0.5 x MPS) in the "
-                        "official EasyAnimate format: applying it at strength 1 equals applying each LoRA at its "
-                        "weight (exact by concatenating ranks), or reduced to a target rank by SVD.",
-            is_output_node=True,
+        return node_schema(
+            "LoraMix", "EasyAnimate Mix LoRAs", "EasyAnimate/lora",
+            "Mixes several LoRAs with weights into one LoRA file (e.g. 0.5 x HPS + 0.5 x MPS) in the official "
+            "EasyAnimate format: applying it at strength 1 equals applying each LoRA at its weight (exact by "
+            "concatenating ranks), or reduced to a target rank by SVD.",
             inputs=inputs,
-            outputs=[io.String.Output(display_name="lora_name", tooltip="The mixed LoRA, relative to models/loras."),
-                     io.String.Output(display_name="report", tooltip="Modules, ranks and the relative error.")],
+            outputs=[text_output("lora_name", "The mixed LoRA, relative to models/loras."),
+                     text_output("report", "Modules, ranks and the relative error.")],
+            output_node=True,
         )
 
     @classmethod
@@ -79,7 +76,7 @@ class EasyAnimateLoraMix(io.ComfyNode):
         os.makedirs(path.parent, exist_ok=True)
         save_lora_file(path, mixed, dtype=dtype)
         log.info("Mix LoRAs: wrote %s (%s)", path, text)
-        return io.NodeOutput(file_name, text, ui={"text": (text,)})
+        return shown(file_name, text, text=text)
 
 
 NODES = [EasyAnimateLoraMix]

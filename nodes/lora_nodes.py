@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 
 import folder_paths
-import torch
 from comfy_api.latest import io
 
-from ..easyanimate.lora_format import LoraWeights, load_lora_file
+from ..easyanimate.lora_cache import cached_lora
 from ..easyanimate.lora_merge import merged_model_destination, save_merged_model
 from ..easyanimate.lora_patch import DEFAULT_MODE, MODES
 from .common import EASYANIMATE_FOLDER, LORA_FOLDER, lora_file_names, progress_callback
-from .types import EasyAnimateModelType
+from .schema import model_input, model_output, node_schema, shown, text_output
+
+CATEGORY = "EasyAnimate/lora"
 
 MODE_TOOLTIP = (
     "fused: the LoRA is merged into the weights before sampling (full speed; a CPU copy of the "
@@ -24,47 +23,17 @@ MODE_TOOLTIP = (
     f"Default: {DEFAULT_MODE}."
 )
 
-# Parsed LoRA files, keyed by (path, mtime, size, transformer config): a strength change in the
-# graph re-runs the node but re-reads nothing. A few entries only: a 12b LoRA is ~1.8 GB.
-_CACHE_SIZE = 3
-_cache: OrderedDict[tuple, LoraWeights] = OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def _config_key(transformer) -> tuple:
-    config = getattr(transformer, "config", None) or {}
-    return tuple(sorted((k, repr(v)) for k, v in dict(config).items()))
-
-
-def cached_lora(path: str, transformer) -> LoraWeights:
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, _config_key(transformer))
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    # Outside ComfyUI's inference mode: a trainer may later backpropagate through these adapters.
-    with torch.inference_mode(False):
-        weights = load_lora_file(path, transformer)
-    with _cache_lock:
-        _cache[key] = weights
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return weights
-
 
 class EasyAnimateLoraApply(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="EasyAnimateReward_LoraApply",
-            display_name="EasyAnimate Apply LoRA",
-            category="EasyAnimate/lora",
-            description="Adds a LoRA to the model's LoRA stack. Nothing is merged here: the sampler "
-                        "patches the stack in just before it runs, so changing the strength is instant "
-                        "and the model you plug in stays unchanged for other branches.",
+        return node_schema(
+            "LoraApply", "EasyAnimate Apply LoRA", CATEGORY,
+            "Adds a LoRA to the model's LoRA stack. Nothing is merged here: the sampler patches the stack in just "
+            "before it runs, so changing the strength is instant and the model you plug in stays unchanged for "
+            "other branches.",
             inputs=[
-                EasyAnimateModelType.Input("model"),
+                model_input("The model to add the LoRA to (it stays unchanged for other branches)."),
                 io.Combo.Input("lora_name", options=lora_file_names(),
                                tooltip="A LoRA from models/loras: official EasyAnimate (kohya) or PEFT format."),
                 io.Float.Input("strength", default=0.7, min=-10.0, max=10.0, step=0.01,
@@ -72,7 +41,7 @@ class EasyAnimateLoraApply(io.ComfyNode):
                                        "0 leaves the model as it is."),
                 io.Combo.Input("mode", options=list(MODES), default=DEFAULT_MODE, tooltip=MODE_TOOLTIP),
             ],
-            outputs=[EasyAnimateModelType.Output(display_name="model")],
+            outputs=[model_output("The same model with this LoRA on its stack (patched in when a sampler runs).")],
         )
 
     @classmethod
@@ -96,19 +65,17 @@ class EasyAnimateLoraApply(io.ComfyNode):
 class EasyAnimateSaveMerged(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="EasyAnimateReward_SaveMerged",
-            display_name="EasyAnimate Save Merged Model",
-            category="EasyAnimate/lora",
-            description="Bakes the model's LoRA stack into a copy of its transformer and saves a complete "
-                        "model folder (other parts hardlinked) into the first easyanimate models folder.",
-            is_output_node=True,
+        return node_schema(
+            "SaveMerged", "EasyAnimate Save Merged Model", CATEGORY,
+            "Bakes the model's LoRA stack into a copy of its transformer and saves a complete model folder (other "
+            "parts hardlinked) into the first easyanimate models folder.",
             inputs=[
-                EasyAnimateModelType.Input("model"),
+                model_input("The model whose LoRA stack is baked in (Apply LoRA nodes before this one)."),
                 io.String.Input("name", default="EasyAnimate-merged",
                                 tooltip="Name of the new model folder (a plain name; it must not exist yet)."),
             ],
-            outputs=[io.String.Output(display_name="folder")],
+            outputs=[text_output("folder", "The new model folder's full path.")],
+            output_node=True,
         )
 
     @classmethod
@@ -120,7 +87,7 @@ class EasyAnimateSaveMerged(io.ComfyNode):
             raise ValueError("the model has no LoRA applied; there is nothing to merge")
         targets = len({path for lora in model.loras for path in lora.weights.modules})
         save_merged_model(model.pipe, model.loras, dest, progress=progress_callback(max(targets, 1)))
-        return io.NodeOutput(str(dest))
+        return shown(str(dest), text=f"saved {dest}")
 
 
 NODES = [EasyAnimateLoraApply, EasyAnimateSaveMerged]

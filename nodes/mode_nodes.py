@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..easyanimate.buckets import BASE_RESOLUTIONS
 from ..easyanimate.camera import DEFAULT_INTRINSICS, PRESETS, camera_motion
+from .schema import node_schema
 from .types import CameraType
 
 BASE_RESOLUTION_CHOICES = ("width x height",) + tuple(str(r) for r in BASE_RESOLUTIONS)
@@ -67,13 +68,11 @@ class EasyAnimateCameraMotion(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         motions = [NO_MOTION] + list(PRESETS)
-        return io.Schema(
-            node_id="EasyAnimateReward_CameraMotion",
-            display_name="EasyAnimate Camera Motion",
-            category="EasyAnimate",
-            description="Camera motion for V5.1 Control-Camera models: up to four presets added together (e.g. pan up "
-                        "+ pan left = diagonal), over `frames` frames at `speed`. Chain a `previous` motion to play "
-                        "it first and this one after it.",
+        return node_schema(
+            "CameraMotion", "EasyAnimate Camera Motion", "EasyAnimate",
+            "Camera motion for V5.1 Control-Camera models: up to four presets added together (e.g. pan up + pan "
+            "left = diagonal), over `frames` frames at `speed`. Chain a `previous` motion to play it first and this "
+            "one after it.",
             inputs=[
                 io.Combo.Input("motion", options=list(PRESETS), default="pan up", tooltip="The camera move."),
                 io.Combo.Input("motion_2", options=motions, default=NO_MOTION, tooltip="Added to the first."),
@@ -94,7 +93,9 @@ class EasyAnimateCameraMotion(io.ComfyNode):
                 CameraType.Input("previous", optional=True,
                                  tooltip="Play this motion first, then the one set here, continuing from its last pose."),
             ],
-            outputs=[CameraType.Output(display_name="camera")],
+            outputs=[CameraType.Output(display_name="camera",
+                                       tooltip="The camera path, for the sampler's camera input or another motion's "
+                                               "previous.")],
         )
 
     @classmethod

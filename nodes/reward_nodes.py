@@ -19,7 +19,8 @@ from ..reward.registry import (REWARD_KINDS, SCORINGS, check_files, expected_fil
                                load_reward, scoring_options)
 from ..reward.scoring import format_frame_scores, format_ranking, rank_videos, score_images, select_videos
 from .common import REWARD_FOLDER, progress_callback
-from .types import RewardModelType
+from .schema import (image_output, node_id, node_schema, reward_and_frames, reward_input, reward_output, reward_prompt_input, scoring_batch_input,
+                     shown, text_output)
 
 CATEGORY = "EasyAnimate/reward"
 DEVICES = ("auto", "cpu", "gpu")
@@ -65,12 +66,10 @@ def _kind_tooltip() -> str:
 class RewardModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="EasyAnimateReward_RewardModelLoader",
-            display_name="Load Reward Model",
-            category=CATEGORY,
-            description="Loads a reward model (a frozen, differentiable judge of frames) from models/reward_models, "
-                        "or a weight-free reward. Use it to score, rank, or train towards.",
+        return node_schema(
+            "RewardModelLoader", "Load Reward Model", CATEGORY,
+            "Loads a reward model (a frozen, differentiable judge of frames) from models/reward_models, or a "
+            "weight-free reward. Use it to score, rank, or train towards.",
             inputs=[
                 io.Combo.Input("kind", options=list(REWARD_KINDS), default="hps_v2.1", tooltip=_kind_tooltip()),
                 io.Combo.Input("device", options=list(DEVICES), default="auto",
@@ -85,7 +84,8 @@ class RewardModelLoader(io.ComfyNode):
                                        "trainer does (PickScore / MPS plain cosine, every image squashed to 224), "
                                        "to reproduce its recipes (max_reward 1 assumes the plain cosine)."),
             ],
-            outputs=[RewardModelType.Output(display_name="reward")],
+            outputs=[reward_output("The reward, for Score Frames, Rank Candidates, Combine Rewards, the trainer and "
+                                   "the sweep.")],
         )
 
     @classmethod
@@ -103,8 +103,8 @@ class RewardCombine(io.ComfyNode):
     def define_schema(cls):
         inputs = []
         for slot in range(1, COMBINE_SLOTS + 1):
-            inputs.append(RewardModelType.Input(f"reward_{slot}", optional=True,
-                                                tooltip=f"Reward term {slot} (leave unconnected to skip)."))
+            inputs.append(reward_input(f"Reward term {slot} (leave unconnected to skip).", f"reward_{slot}",
+                                       optional=True))
             inputs.append(io.Float.Input(f"weight_{slot}", default=1.0, min=-1000.0, max=1000.0, step=0.01,
                                          tooltip=f"Weight of reward {slot}; negative penalises it."))
         inputs.append(io.Combo.Input(
@@ -113,15 +113,13 @@ class RewardCombine(io.ComfyNode):
                     "mapped by its kind's typical range to 0..1 first, so the weights mean what they say. zscore: "
                     "each term standardised by running statistics of its scores on the training rollouts "
                     "(saved with the trainer's checkpoints, reset at the start of every training run)."))
-        return io.Schema(
-            node_id="EasyAnimateReward_RewardCombine",
-            display_name="Combine Rewards",
-            category=CATEGORY,
-            description="Weighted sum of up to four rewards, e.g. 1.0 x HPS + 0.5 x aesthetic + 0.5 x motion. "
-                        "Rewards live on different scales (HPS ~0.3, PickScore ~20, aesthetic ~5): normalise them "
-                        "('scale' or 'zscore') or weigh accordingly.",
+        return node_schema(
+            "RewardCombine", "Combine Rewards", CATEGORY,
+            "Weighted sum of up to four rewards, e.g. 1.0 x HPS + 0.5 x aesthetic + 0.5 x motion. Rewards live on "
+            "different scales (HPS ~0.3, PickScore ~20, aesthetic ~5): normalise them ('scale' or 'zscore') or weigh "
+            "accordingly.",
             inputs=inputs,
-            outputs=[RewardModelType.Output(display_name="reward")],
+            outputs=[reward_output("The weighted sum as one reward (score, rank or train with it).")],
         )
 
     @classmethod
@@ -139,25 +137,22 @@ class RewardCombine(io.ComfyNode):
 class RewardScoreFrames(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="EasyAnimateReward_RewardScoreFrames",
-            display_name="Score Frames with Reward",
-            category=CATEGORY,
-            description="Scores every frame of an IMAGE batch (one video, frames in order) with a reward; "
-                        "outputs the mean, the per-frame scores and a plot of score per frame.",
+        return node_schema(
+            "RewardScoreFrames", "Score Frames with Reward", CATEGORY,
+            "Scores every frame of an IMAGE batch (one video, frames in order) with a reward; outputs the mean, the "
+            "per-frame scores and a plot of score per frame, and shows the scores on the node.",
             inputs=[
-                RewardModelType.Input("reward"),
-                io.Image.Input("frames", tooltip="Frames (N, H, W, 3) in 0..1, e.g. a sampled video."),
-                io.String.Input("prompt", multiline=True, default="",
-                                tooltip="The prompt the frames should match (ignored by prompt-free rewards)."),
-                io.Int.Input("batch_size", default=8, min=1, max=256,
-                             tooltip="Frames scored at once: lower it if the reward runs out of memory."),
+                *reward_and_frames("Frames (N, H, W, 3) in 0..1, e.g. a sampled video."),
+                reward_prompt_input("frames"),
+                scoring_batch_input(),
             ],
             outputs=[
-                io.Float.Output(display_name="mean_score"),
-                io.String.Output(display_name="frame_scores"),
-                io.Image.Output(display_name="plot"),
+                io.Float.Output(display_name="mean_score", tooltip="The mean of the frames' scores."),
+                text_output("frame_scores", "One line per frame: its index and score."),
+                image_output("plot", "Score per frame, as an image."),
             ],
+            output_node=True,
+            node_id_input=True,
         )
 
     @classmethod
@@ -166,34 +161,33 @@ class RewardScoreFrames(io.ComfyNode):
         values = scores.tolist()
         mean = float(scores.mean())
         plot = plot_series({reward.name: values}, f"{reward.name}: mean {mean:.4g}", "frame", "score")
-        return io.NodeOutput(mean, format_frame_scores(values), plot)
+        text = format_frame_scores(values)
+        return shown(mean, text, plot, text=f"{reward.name} mean {mean:.4f} over {len(values)} frames\n{text}",
+                     node=node_id(cls))
 
 
 class RewardRankCandidates(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="EasyAnimateReward_RewardRankCandidates",
-            display_name="Rank Candidate Videos by Reward",
-            category=CATEGORY,
-            description="Best-of-N: scores candidate videos laid out one after another in an IMAGE batch "
-                        "(N = candidates x frames_per_video) and keeps the top_k by mean frame score.",
+        return node_schema(
+            "RewardRankCandidates", "Rank Candidate Videos by Reward", CATEGORY,
+            "Best-of-N: scores candidate videos laid out one after another in an IMAGE batch (N = candidates x "
+            "frames_per_video) and keeps the top_k by mean frame score; shows the ranking on the node.",
             inputs=[
-                RewardModelType.Input("reward"),
-                io.Image.Input("frames", tooltip="All candidates' frames, video after video."),
+                *reward_and_frames("All candidates' frames, video after video."),
                 io.Int.Input("frames_per_video", default=25, min=1, max=4096,
                              tooltip="Frames in each candidate video; the batch size must be a multiple of it."),
-                io.String.Input("prompt", multiline=True, default="",
-                                tooltip="The prompt the videos should match (ignored by prompt-free rewards)."),
+                reward_prompt_input("videos"),
                 io.Int.Input("top_k", default=1, min=1, max=256,
                              tooltip="How many of the best videos to output (all of them if fewer exist)."),
-                io.Int.Input("batch_size", default=8, min=1, max=256,
-                             tooltip="Frames scored at once: lower it if the reward runs out of memory."),
+                scoring_batch_input(),
             ],
             outputs=[
-                io.Image.Output(display_name="best_frames", tooltip="The top_k videos' frames, best first."),
-                io.String.Output(display_name="scores", tooltip="Every candidate's rank, index and mean score."),
+                image_output("best_frames", "The top_k videos' frames, best first."),
+                text_output("scores", "Every candidate's rank, index and mean score."),
             ],
+            output_node=True,
+            node_id_input=True,
         )
 
     @classmethod
@@ -201,7 +195,8 @@ class RewardRankCandidates(io.ComfyNode):
         ranked = rank_videos(reward, frames, frames_per_video, prompt, batch_size,
                              progress=progress_callback(frames.shape[0]))
         best = select_videos(frames, frames_per_video, [video.index for video in ranked[:top_k]])
-        return io.NodeOutput(best, format_ranking(ranked))
+        text = format_ranking(ranked)
+        return shown(best, text, text=f"{reward.name}, best first:\n{text}", node=node_id(cls))
 
 
 NODES = [RewardModelLoader, RewardCombine, RewardScoreFrames, RewardRankCandidates]

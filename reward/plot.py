@@ -79,27 +79,37 @@ class _Frame:
     low: float
     high: float
     length: int  # points of the longest series
+    positions: tuple[float, ...] | None = None  # x of each point (None: its index)
 
-    def to_px(self, index: float, value: float) -> tuple[float, float]:
+    def to_px(self, index: int, value: float) -> tuple[float, float]:
         plot_w, plot_h = max(self.right - self.left, 1), max(self.bottom - self.top, 1)
-        x = self.left + plot_w * (index / max(self.length - 1, 1) if self.length > 1 else 0.5)
+        if self.positions is None:
+            fraction = index / max(self.length - 1, 1) if self.length > 1 else 0.5
+        else:
+            low, high = min(self.positions), max(self.positions)
+            fraction = (self.positions[index] - low) / (high - low) if high > low else 0.5
         y = self.bottom - plot_h * (value - self.low) / (self.high - self.low)
-        return x, y
+        return self.left + plot_w * fraction, y
 
 
 def _draw_axes(draw: ImageDraw.ImageDraw, frame: _Frame, y_ticks: Sequence[float], tick_labels: Sequence[str],
                font) -> None:
-    """Grid and y tick labels, about 8 integer x ticks, the plot's box."""
+    """Grid and y tick labels, x ticks (about 8 integer indices, or every given x position: a label
+    that would overlap the previous one is left out, its tick stays), the plot's box."""
     for value, label in zip(y_ticks, tick_labels):
         _, y = frame.to_px(0, value)
         draw.line([(frame.left, y), (frame.right, y)], fill=GRID, width=1)
         draw.text((frame.left - 6 - _text_width(draw, label, font), y - 7), label, fill=AXIS, font=font)
-    step = max(1, math.ceil(frame.length / 8))
+    step = max(1, math.ceil(frame.length / 8)) if frame.positions is None else 1
+    label_end = -math.inf
     for index in range(0, frame.length, step):
         x, _ = frame.to_px(index, frame.low)
         draw.line([(x, frame.bottom), (x, frame.bottom + 4)], fill=AXIS, width=1)
-        label = str(index)
-        draw.text((x - _text_width(draw, label, font) / 2, frame.bottom + 5), label, fill=AXIS, font=font)
+        label = str(index) if frame.positions is None else format_tick(frame.positions[index])
+        start = x - _text_width(draw, label, font) / 2
+        if frame.positions is None or start > label_end + 4:
+            draw.text((start, frame.bottom + 5), label, fill=AXIS, font=font)
+            label_end = start + _text_width(draw, label, font)
     draw.rectangle([frame.left, frame.top, frame.right, frame.bottom], outline=AXIS, width=1)
 
 
@@ -163,9 +173,12 @@ def plot_series(
     ylabel: str = "",
     width: int = 640,
     height: int = 360,
+    x: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Plot named series (x = index 0..n-1) -> (1, height, width, 3) float32 in [0, 1].
+    """Plot named series -> (1, height, width, 3) float32 in [0, 1].
 
+    x: the x position of each point (finite numbers, one per point; uneven spacing is kept) and the
+    x tick labels, one at each of them; default: the index 0..n-1 with about 8 integer ticks.
     Non-finite values (NaN, inf) leave gaps in a line. A series of one point is drawn as a dot.
     """
     image = Image.new("RGB", (width, height), BACKGROUND)
@@ -177,9 +190,12 @@ def plot_series(
     y_ticks = nice_ticks(low, high)
     tick_labels = [format_tick(v) for v in y_ticks]
     label_width = max([_text_width(draw, t, font) for t in tick_labels] + [0])
+    length = max([len(v) for v in series.values()] + [1])
+    positions = None if x is None else tuple(float(v) for v in x)
+    if positions is not None and (len(positions) < length or not all(math.isfinite(v) for v in positions)):
+        raise ValueError(f"plot_series: x needs {length} finite positions, got {list(x)}")
     frame = _Frame(left=14 + label_width + (16 if ylabel else 0), right=width - 12, top=28 if title else 12,
-                   bottom=height - (36 if xlabel else 24), low=low, high=high,
-                   length=max([len(v) for v in series.values()] + [1]))
+                   bottom=height - (36 if xlabel else 24), low=low, high=high, length=length, positions=positions)
     _draw_axes(draw, frame, y_ticks, tick_labels, font)
     _draw_lines(draw, frame, series)
     _draw_legend(draw, frame, series, font)

@@ -5,7 +5,7 @@ pack on a free port and a base folder in out/example/, submits workflows/api/<wo
 POST /prompt after `tools.workflows.tinyfy` (tiny models, 32x32, 5 frames, 3 steps; everything else
 as shipped), prints where the outputs were written and stops the server.
 
-    .venv/bin/python scripts/run_example.py [--workflow text_to_video] [--base out/example]
+    .venv/bin/python scripts/run_example.py [--workflow 01_text_to_video] [--base out/example]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def saved_files(server: ComfyServer, outputs: dict) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run an example workflow on the real ComfyUI host with tiny models.")
-    parser.add_argument("--workflow", default="text_to_video", choices=workflows.workflow_names())
+    parser.add_argument("--workflow", default="01_text_to_video", choices=workflows.workflow_names())
     parser.add_argument("--base", type=Path, default=REPO / "out" / "example", help="ComfyUI base folder")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args(argv)

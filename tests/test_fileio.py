@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from easyanimate_reward.fileio import (
     atomic_file,
     atomic_folder,
+    confined_path,
     save_safetensors_atomic,
     torch_save_atomic,
     write_text_atomic,
@@ -138,3 +139,16 @@ def test_confined_path_keeps_names_inside_the_folder(tmp_path):
     for bad in ("a/b", "a\\b", "c:x", "..", "sub/x"):
         with pytest.raises(ValueError, match="must be a plain name inside"):
             confined_path(root, bad, plain_name=True)
+
+
+def test_confined_path_can_refuse_links_that_lead_out(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    assert confined_path(root, "link/x.safetensors") == root / "link" / "x.safetensors"  # the user's own set-up
+    with pytest.raises(ValueError, match="resolves to .*outside the folder"):
+        confined_path(root, "link/x.safetensors", links_inside=True)
+    assert confined_path(root, "x.safetensors", links_inside=True) == root / "x.safetensors"
+    with pytest.raises(ValueError, match="not a name"):
+        confined_path(root, None)

@@ -109,7 +109,7 @@ def _distance_to_base(trainer, pipe, prompts, seeds, mode):
 def test_preserve_pulls_a_lora_back_to_the_base_model(pipe, tmp_path, preserve):
     start = _random_lora_file(pipe, tmp_path / "start.safetensors")
     prompts = ["a red ball"]
-    config = tiny_config(preserve=preserve, preserve_weight=100.0, train_steps=3, num_decoded_latents=2,
+    config = tiny_config(preserve=preserve, preserve_weight=100.0, train_steps=6, num_decoded_latents=2,
                          backprop="all", learning_rate=1e-3)
     before = RewardLoRATrainer(EasyAnimateModel(pipe), FlatReward(), prompts, config, resume_from=start)
     before._freeze_frozen_parts()

@@ -175,7 +175,7 @@ def test_host_refuses_an_oversized_request_and_keeps_serving(tiny_models, tmp_pa
     server = ComfyServer(tmp_path / "base")
     server.prepare_base()
     install_models(server.base, {TINY_NAMES[v]: p for v, p in tiny_models.items()})
-    workflows.install_tiny_assets(server.base, workflows.load_api("image_to_video"))
+    workflows.install_tiny_assets(server.base, workflows.load_api("02_image_to_video"))
     previous = os.environ.get(preflight.BUDGET_ENV)
     os.environ[preflight.BUDGET_ENV] = "2"
     try:
@@ -186,7 +186,7 @@ def test_host_refuses_an_oversized_request_and_keeps_serving(tiny_models, tmp_pa
         else:
             os.environ[preflight.BUDGET_ENV] = previous
     try:
-        graph = workflows.tinyfy(workflows.load_api("image_to_video"), TINY_NAMES, workflows.TINY_LORAS)
+        graph = workflows.tinyfy(workflows.load_api("02_image_to_video"), TINY_NAMES, workflows.TINY_LORAS)
         sampler = next(n for n in graph.values() if n["class_type"] == "EasyAnimateReward_Sampler")
         small = dict(sampler["inputs"])
         sampler["inputs"].update(width=768, height=768, frames=145)

@@ -140,12 +140,14 @@ def test_interrupt_during_a_sweep_stops_before_the_next_strength(host_modules, t
         if requested:
             raise Stop()
 
-    sweep_nodes.sample_video = counting
+    from easyanimate_reward.easyanimate import sweep  # the node's loop lives in the core
+
+    sweep.sample_video = counting
     try:
         with cancel_check(check), pytest.raises(Stop):
             sweep_nodes.EasyAnimateStrengthSweep.execute(
                 model, SWEEP_LORA, SaturationReward(), "a cat", "", "0, 0.5, 1", 32, 32, 5, 2, 6.0, 1, "auto",
                 "fused", 4)
     finally:
-        sweep_nodes.sample_video = original
+        sweep.sample_video = original
     assert len(videos) == 1, f"{len(videos)} strengths were sampled after the interrupt"

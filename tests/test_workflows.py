@@ -72,14 +72,14 @@ def test_ui_files_are_generated_from_the_api_files(object_info):
 
 
 def test_a_changed_widget_value_makes_the_ui_file_stale(object_info):
-    ui = workflows.load_ui("text_to_video")
-    assert ui == workflows.build_ui("text_to_video", object_info)
+    ui = workflows.load_ui("01_text_to_video")
+    assert ui == workflows.build_ui("01_text_to_video", object_info)
     sampler = next(n for n in ui["nodes"] if n["type"] == "EasyAnimateReward_Sampler")
     # prompt, negative, width, height, frames, steps, cfg, seed, "fixed" (seed control), scheduler, videos
     assert sampler["widgets_values"][7:10] == [43, "fixed", "auto"]
-    assert sampler["widgets_values"][2] == workflows.load_api("text_to_video")["3"]["inputs"]["width"]
+    assert sampler["widgets_values"][2] == workflows.load_api("01_text_to_video")["3"]["inputs"]["width"]
     sampler["widgets_values"][2] = 512
-    assert ui != workflows.build_ui("text_to_video", object_info)
+    assert ui != workflows.build_ui("01_text_to_video", object_info)
 
 
 def test_every_workflow_states_what_it_needs(object_info):
@@ -98,7 +98,7 @@ def test_every_workflow_states_what_it_needs(object_info):
 
 
 def test_tinyfy_keeps_the_structure():
-    shipped = workflows.load_api("lora_comparison")
+    shipped = workflows.load_api("07_lora_comparison")
     tiny = workflows.tinyfy(shipped, TINY_NAMES, TINY_LORAS)
     assert shipped["1"]["inputs"]["model"] == "EasyAnimateV5-12b-zh-InP"  # file untouched
     assert tiny["1"]["inputs"]["model"] == TINY_NAMES["v5"]
@@ -115,8 +115,8 @@ def test_tinyfy_keeps_the_structure():
 
 
 # Workflows whose result is one tiny video: {name: id of the SaveVideo node}.
-SINGLE_VIDEO_WORKFLOWS = {"text_to_video": "5", "image_to_video": "5", "video_to_video": "7",
-                          "video_to_video_control": "6", "control_camera": "6", "image_to_video_end_image": "6"}
+SINGLE_VIDEO_WORKFLOWS = {"01_text_to_video": "5", "02_image_to_video": "5", "03_image_to_video_end_image": "6",
+                          "04_video_to_video": "7", "05_video_to_video_control": "6", "06_control_camera": "6"}
 
 
 @pytest.mark.parametrize("name", SINGLE_VIDEO_WORKFLOWS)
@@ -128,14 +128,14 @@ def test_single_video_workflow_runs(workflow_server, name):
 
 
 def test_lora_comparison_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "lora_comparison")
+    outputs = run_workflow(workflow_server, "07_lora_comparison")
     path = saved_file(workflow_server, outputs["11"]["images"][0])
     # three 32-wide videos stitched with two 8-pixel gaps
     assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, 3 * TINY_SIZE + 2 * 8)
 
 
 def test_score_frames_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "score_frames")
+    outputs = run_workflow(workflow_server, "09_score_frames")
     plot = Image.open(saved_file(workflow_server, outputs["12"]["images"][0]))
     assert plot.size[0] == 640 and plot.size[1] == 3 * 360  # three plots stacked
     for node_id in ("13", "14"):
@@ -145,7 +145,7 @@ def test_score_frames_runs(workflow_server):
 
 
 def test_best_of_n_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "best_of_n")
+    outputs = run_workflow(workflow_server, "10_best_of_n")
     path = saved_file(workflow_server, outputs["7"]["images"][0])
     assert video_shape(path) == (TINY_FRAMES, TINY_SIZE, TINY_SIZE)  # one video of the four kept
     ranking = preview_text(outputs, "8").splitlines()
@@ -155,7 +155,7 @@ def test_best_of_n_runs(workflow_server):
 
 
 def test_strength_sweep_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "strength_sweep")
+    outputs = run_workflow(workflow_server, "08_strength_sweep")
     saved_file(workflow_server, outputs["4"]["images"][0])
     text = preview_text(outputs, "5")
     lines = [line for line in text.splitlines() if line.startswith("strength ")]
@@ -167,7 +167,7 @@ def test_strength_sweep_runs(workflow_server):
 
 
 def test_train_reward_lora_runs(workflow_server):
-    outputs = run_workflow(workflow_server, "train_reward_lora")
+    outputs = run_workflow(workflow_server, "11_train_reward_lora")
     assert preview_text(outputs, "8") == "tiny_trained_reward_lora.safetensors"
     trained = workflow_server.base / "models" / "loras" / "tiny_trained_reward_lora.safetensors"
     assert trained.is_file() and trained.stat().st_size > 0
@@ -179,16 +179,18 @@ def test_train_reward_lora_runs(workflow_server):
 def test_tinyfy_picks_the_tiny_model_of_each_kind():
     names = {**TINY_NAMES, **TINY_VARIANT_NAMES}
     loaders = {name: workflows.tinyfy(workflows.load_api(name), names)["1"]["inputs"]["model"]
-               for name in ("video_to_video", "video_to_video_control", "control_camera", "image_to_video_end_image")}
-    assert loaders == {"video_to_video": TINY_NAMES["v5"], "video_to_video_control": TINY_VARIANT_NAMES["v5.1-control"],
-                       "control_camera": TINY_VARIANT_NAMES["v5.1-camera"],
-                       "image_to_video_end_image": TINY_NAMES["v5.1"]}
+               for name in ("04_video_to_video", "05_video_to_video_control", "06_control_camera", "03_image_to_video_end_image")}
+    assert loaders == {"04_video_to_video": TINY_NAMES["v5"], "05_video_to_video_control": TINY_VARIANT_NAMES["v5.1-control"],
+                       "06_control_camera": TINY_VARIANT_NAMES["v5.1-camera"],
+                       "03_image_to_video_end_image": TINY_NAMES["v5.1"]}
 
 
 def test_every_workflow_has_a_run_test():
+    # test_<name without its order number>_runs, or one of SINGLE_VIDEO_WORKFLOWS
     tested = {name.removeprefix("test_").removesuffix("_runs") for name in globals() if name.endswith("_runs")}
     tested |= set(SINGLE_VIDEO_WORKFLOWS)
-    assert set(workflows.workflow_names()) <= tested, set(workflows.workflow_names()) - tested
+    untested = {name for name in workflows.workflow_names() if name not in tested and name.split("_", 1)[1] not in tested}
+    assert untested == set(), untested
 
 
 def test_host_lists_the_examples_as_templates(comfy_server):

@@ -60,14 +60,14 @@ _VRAM_12B = ("VRAM (estimated): about 24 GB with gpu_memory_mode model_cpu_offlo
              "plus about 40 GB of system RAM")
 
 NOTES: dict[str, dict[str, Any]] = {
-    "text_to_video": {
+    "01_text_to_video": {
         "title": "Text to video with a reward LoRA",
         "what": "Samples one 49-frame video at 384x672 from a prompt with the HPS v2.1 reward LoRA at strength 0.7 "
                 "and saves it as an MP4 (output/video/easyanimate_t2v_*.mp4).",
         "needs": [_V5_NEEDS, _LORA_NEEDS],
         "vram": _VRAM_12B,
     },
-    "lora_comparison": {
+    "07_lora_comparison": {
         "title": "Base vs HPS v2.1 LoRA vs MPS LoRA",
         "what": "One prompt and seed sampled three times: base model, HPS v2.1 reward LoRA, MPS reward LoRA "
                 "(both at 0.7); the three videos are saved side by side in one MP4. The LoRAs patch the "
@@ -75,28 +75,28 @@ NOTES: dict[str, dict[str, Any]] = {
         "needs": [_V5_NEEDS, _LORA_NEEDS, f"models/loras/{MPS_LORA} (1.8 GB)"],
         "vram": _VRAM_12B + "; three samplings take three times as long",
     },
-    "image_to_video": {
+    "02_image_to_video": {
         "title": "Image to video",
         "what": "Animates a start image (LoadImage; put start_frame.png in ComfyUI's input folder or pick your own) "
                 "with the InP model and saves an MP4.",
         "needs": [_V51_NEEDS, "input/start_frame.png (any picture; it is resized to the video size)"],
         "vram": _VRAM_12B,
     },
-    "score_frames": {
+    "09_score_frames": {
         "title": "Score frames with two rewards and their combination",
         "what": "Samples a video, scores every frame with HPS v2.1, with the weight-free colourfulness reward and "
                 "with a weighted combination of both; shows the per-frame score plots.",
         "needs": [_V51_NEEDS, "models/reward_models/HPS_v2.1_compressed.pt (3.9 GB, from xswu/HPSv2)"],
         "vram": _VRAM_12B + "; the HPS reward (CLIP-H) adds about 2.5 GB",
     },
-    "best_of_n": {
+    "10_best_of_n": {
         "title": "Best of N seeds, ranked by reward",
         "what": "Samples 4 videos (seeds seed..seed+3, the sampler's `videos` input), ranks them by mean HPS v2.1 "
                 "frame score and saves the best one.",
         "needs": [_V51_NEEDS, "models/reward_models/HPS_v2.1_compressed.pt (3.9 GB)"],
         "vram": _VRAM_12B + "; time grows with N (4 samplings)",
     },
-    "train_reward_lora": {
+    "11_train_reward_lora": {
         "title": "Train a reward LoRA, then use it",
         "what": "Reward backpropagation: trains a LoRA that maximises the HPS v2.1 reward of sampled videos, saves it "
                 "to models/loras, then samples with it.",
@@ -104,7 +104,7 @@ NOTES: dict[str, dict[str, Any]] = {
         "vram": "VRAM (estimated): 40 GB or more for the 12b model at 256x256x49 frames with gradient checkpointing (an "
                 "A100/H100-class GPU); the 7b model needs less",
     },
-    "video_to_video": {
+    "04_video_to_video": {
         "title": "Refine an existing video with a reward LoRA",
         "what": "Video-to-video: the frames of input/input_video.mp4 (LoadVideo; at least 49 frames) are encoded, "
                 "noised to denoise_strength 0.7 and denoised with the HPS v2.1 reward LoRA at strength 0.7; the size "
@@ -113,7 +113,7 @@ NOTES: dict[str, dict[str, Any]] = {
         "needs": [_V5_NEEDS, _LORA_NEEDS, "input/input_video.mp4 (any clip of 49+ frames)"],
         "vram": _VRAM_12B + "; the VAE also encodes the input video (about 2 GB more at 512)",
     },
-    "video_to_video_control": {
+    "05_video_to_video_control": {
         "title": "Control video (pose / depth / canny) with a V5.1 Control model",
         "what": "Generates a video that follows the control frames of input/control_pose.mp4 (make them with any "
                 "preprocessor pack, e.g. DWPose, depth or canny nodes). The size is the bucket closest to the control "
@@ -122,7 +122,7 @@ NOTES: dict[str, dict[str, Any]] = {
                   "Qwen2-VL-7B text encoder)", "input/control_pose.mp4 (49+ control frames)"],
         "vram": _VRAM_12B,
     },
-    "control_camera": {
+    "06_control_camera": {
         "title": "Camera motion with a V5.1 Control-Camera model",
         "what": "Animates a reference image with a camera that pans up and left at once (EasyAnimate Camera Motion: "
                 "presets add up; chain nodes through `previous` for one move after another), 49 frames at "
@@ -131,14 +131,14 @@ NOTES: dict[str, dict[str, Any]] = {
                   "Qwen2-VL-7B text encoder)", "input/start_frame.png (the reference image)"],
         "vram": _VRAM_12B,
     },
-    "image_to_video_end_image": {
+    "03_image_to_video_end_image": {
         "title": "Image to video between a start and an end frame",
         "what": "The InP model keeps the first frame (start_frame.png) and the last (end_frame.png) and generates "
                 "the frames between; leave start_image unconnected to give the end frame alone.",
         "needs": [_V51_NEEDS, "input/start_frame.png and input/end_frame.png (any pictures of the same scene)"],
         "vram": _VRAM_12B,
     },
-    "strength_sweep": {
+    "08_strength_sweep": {
         "title": "Reward vs LoRA strength",
         "what": "Same prompt and seed sampled at LoRA strengths 0, 0.25, 0.5, 0.75, 1; every video is scored "
                 "with HPS v2.1 and the mean reward is plotted against the strength.",
@@ -557,7 +557,9 @@ def dumps(data: Any) -> str:
 
 
 def build_ui(name: str, object_info: Mapping[str, Any]) -> dict:
-    return api_to_ui(load_api(name), object_info, note_text(name) if name in NOTES else None)
+    from .layout import arrange  # positions, the opening view and linked widgets' values (tools/layout.py)
+
+    return arrange(api_to_ui(load_api(name), object_info, note_text(name) if name in NOTES else None), object_info)
 
 
 def readme_text() -> str:
