@@ -99,7 +99,11 @@ NOTES: dict[str, dict[str, Any]] = {
     "11_train_reward_lora": {
         "title": "Train a reward LoRA, then use it",
         "what": "Reward backpropagation: trains a LoRA that maximises the HPS v2.1 reward of sampled videos, saves it "
-                "to models/loras, then samples with it.",
+                "to models/loras, then samples with it. The Rollout and LoRA-and-Optimiser settings nodes hold the "
+                "official recipe; add 'Trainer: Evaluation' (held-out prompts, validation MP4s, motion guards) and "
+                "'Trainer: Checkpoints and Logging' (numbered checkpoints, TensorBoard) from EasyAnimate/training "
+                "when you need them (unconnected, their defaults apply). Run folder: "
+                "output/easyanimate_reward_runs/<lora_name>/.",
         "needs": [_V5_NEEDS, "models/reward_models/HPS_v2.1_compressed.pt (3.9 GB)"],
         "vram": "VRAM (estimated): 40 GB or more for the 12b model at 256x256x49 frames with gradient checkpointing (an "
                 "A100/H100-class GPU); the 7b model needs less",
