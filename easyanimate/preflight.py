@@ -196,8 +196,14 @@ def estimate_training(pipe, config, reward=None) -> list[PhaseEstimate]:
     scale = channels / 3072
     activations = int(saved + TRAIN_FIXED * scale * batch / 2 + denoise_activations(t, config.width, config.height,
                                                                                      config.frames, batch))
-    return [PhaseEstimate("training step (rollout + backward + optimizer)", weights + int(params * per_param),
-                          activations)]
+    resident = weights + int(params * per_param)
+    phases = [PhaseEstimate("training step (rollout + backward + optimizer)", resident, activations)]
+    if getattr(config, "validation_every", 0) > 0:  # whole videos at their own size, beside the training state
+        w, h, f = config.validation_width, config.validation_height, config.validation_frames
+        sampling = estimate_sampling(pipe, w, h, f, 1, config.validation_cfg)
+        need = max(p.activations for p in sampling if p.name != "text encode")
+        phases.append(PhaseEstimate(f"validation video {w}x{h}x{f}", resident, need))
+    return phases
 
 
 def free_bytes(device: torch.device | str) -> int:
@@ -291,9 +297,14 @@ def _mode_hint(pipe, worst: PhaseEstimate, budget: int) -> str:
 def check_training(pipe, config, reward=None, budget: int | None = None) -> list[PhaseEstimate]:
     phases = estimate_training(pipe, config, reward)
     budget = free_bytes(pipe.compute_device) if budget is None else budget
-    worst = phases[0]
+    worst = max(phases, key=lambda p: p.total)
     if worst.total * SAFETY <= budget:
         return phases
+    if worst.name.startswith("validation"):
+        raise MemoryPreflightError(
+            f"not enough memory for the {worst.name} beside the training state: it needs about {_gib(worst.total)} "
+            f"but only {_gib(budget)} is free on {pipe.compute_device}. Nothing was allocated. Try a smaller "
+            "validation size or fewer validation frames, or validation_every 0.")
     hints = []
     if not config.gradient_checkpointing:
         hints.append("gradient_checkpointing on")

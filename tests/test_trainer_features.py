@@ -282,3 +282,21 @@ def test_trainer_node_and_settings_nodes_are_generated_from_the_table(comfy_serv
             assert set(inputs) >= set(SETTINGS_GROUPS)
     assert set(shown) == {row.name for row in rows(TrainConfig, PromptSources)}
     assert len(info[TRAINER]["input"]["required"]) <= 8  # the trainer opens readable
+
+
+def test_validation_videos_that_do_not_fit_beside_the_training_state_are_refused_before_work(pipe, tmp_path,
+                                                                                           monkeypatch):
+    from easyanimate_reward.easyanimate import preflight
+
+    config = tiny_config(backprop="last", sampling_steps=2, cfg=1.0, train_steps=1, validation_every=1,
+                         validation_width=1024, validation_height=1024, validation_frames=145)
+    step, validation = preflight.estimate_training(pipe, config)
+    assert validation.name == "validation video 1024x1024x145" and validation.weights == step.weights
+    assert validation.total > 2 * step.total  # whole large videos need more than the tiny training step
+    budget = (step.total * preflight.SAFETY * 1.01 + validation.total) / 2  # fits the step, not the videos
+    monkeypatch.setenv(preflight.BUDGET_ENV, f"{budget / 1e9:.9f}")  # the variable is in GB
+    trainer = RewardLoRATrainer(EasyAnimateModel(pipe), load_reward("colorfulness"), PROMPTS, config,
+                                output_path=tmp_path / "big.safetensors", validation_prompts=[PROMPTS[0]])
+    with pytest.raises(preflight.MemoryPreflightError, match="validation video 1024x1024x145.*smaller validation"):
+        trainer.train()
+    assert trainer.lora is None and not (tmp_path / "big.safetensors").exists()
