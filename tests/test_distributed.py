@@ -73,8 +73,10 @@ def cli_args(model: Path, folder: Path, output: str, steps: int, batch: int, sav
             "--max-grad-norm", "1", "--seed", "0", "--backprop", "tail", "--backprop-k", "2",
             "--no-gradient-checkpointing", "--train-steps", str(steps), "--batch-size", str(batch),
             "--save-every", str(save_every)]
-    if held_out:
-        args += ["--eval-prompts", str(folder / "held_out.txt"), "--eval-every", "2"]
+    if held_out:  # validation videos from the held-out prompts too (3 videos: rank 0 samples 2, rank 1 one)
+        args += ["--eval-prompts", str(folder / "held_out.txt"), "--eval-every", "2", "--validation-every", "2",
+                 "--validation-width", "32", "--validation-height", "32", "--validation-frames", "5",
+                 "--validation-steps", "2", "--validation-cfg", "1"]
     return args
 
 
@@ -99,7 +101,8 @@ def assert_same_run(actual: Path, expected: Path) -> None:
     """Same history and the same LoRA (and AdamW state) within the measured float tolerances."""
     got, want = sidecar(actual)["history"], sidecar(expected)["history"]
     assert got["step"] == want["step"] and got["eval_step"] == want["eval_step"]
-    for key in ("loss", "reward", "grad_norm", "eval_reward", "eval_loss"):
+    assert got["validation_step"] == want["validation_step"]
+    for key in ("loss", "reward", "grad_norm", "eval_reward", "eval_loss", "validation_reward"):
         torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(want[key]), rtol=2e-5, atol=1e-7,
                                    msg=lambda m: f"{key}: {m}")
     a, b = optimizer_file(actual), optimizer_file(expected)
@@ -141,6 +144,11 @@ def test_two_ranks_of_batch_one_equal_one_process_of_batch_two(runs):
     assert sorted(p.name for p in run_folder.iterdir()) == ["checkpoints", "logs", "plot.png", "run.json",
                                                             "training_state.safetensors", "validation"]
     assert len(list((run_folder / "logs").iterdir())) == 1  # one TensorBoard event file: rank 0's
+    # Validation videos: the ranks shared them, rank 0 wrote them all, under the names one process uses.
+    single = RunLayout.for_lora_file(runs / "s2.safetensors").folder / "validation"
+    names = sorted(p.name for p in (run_folder / "validation").iterdir())
+    assert names == sorted(p.name for p in single.iterdir()) == [
+        "scores.json", "step000002_00.mp4", "step000002_01.mp4", "step000002_02.mp4"]
     assert not [p.name for p in runs.iterdir() if p.name.startswith(".")]
 
 

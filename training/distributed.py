@@ -220,6 +220,18 @@ class DataParallel:
             raise RuntimeError(f"held-out rows {missing[:5]} came back from no rank")
         return torch.tensor(ordered, dtype=torch.float32)
 
+    def gather_objects(self, items: list) -> list:
+        """Every rank's `items` (picklable), concatenated in rank order, on every rank."""
+        if not self.active:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        started = time.perf_counter()
+        gathered = gather_object(list(items))
+        self.comm_seconds += time.perf_counter() - started
+        self.comm_calls += 1
+        return gathered
+
     def barrier(self) -> None:
         if self.active:
             self.accelerator.wait_for_everyone()

@@ -457,10 +457,10 @@ class RewardLoRATrainer:
         return reward, bool(patience and state.evals_without_improvement >= patience) or motion_stop
 
     def _validate(self, pipe, step: int) -> float | None:
-        """Validation videos when due (rank 0): saved, scored, recorded."""
-        if not self.dist.is_main or not self.validation.due(step, self.config.train_steps):
+        """Validation videos when due (shared by the ranks, written by rank 0): saved, scored, recorded."""
+        if not self.validation.due(step, self.config.train_steps):
             return None
-        reward = self.validation.run(pipe, self.reward, step, self.layout, self._sampling_callback())
+        reward = self.validation.run(pipe, self.reward, step, self.layout, self.dist, self._sampling_callback())
         self.state.history["validation_step"].append(step)
         self.state.history["validation_reward"].append(reward)
         self.run_log.scalar("validation/reward", reward, step)
@@ -559,8 +559,7 @@ class RewardLoRATrainer:
         restore_checkpointing = enable_gradient_checkpointing(self.pipe) if cfg.gradient_checkpointing else (lambda: None)
         self.lora.attach(self.pipe.transformer)
         try:
-            if self.dist.is_main:
-                self.validation.prepare(self.pipe)  # rank 0 samples the validation videos
+            self.validation.prepare(self.pipe)  # every rank samples its share of the validation videos
             with hold_on_device(self.pipe) as pipe:
                 stop_reason = self._loop(pipe, bank)
         except _NonFinite as e:
