@@ -113,12 +113,15 @@ class DevTools:
             time.sleep(0.25)
         raise TimeoutError(f"page never satisfied: {expression}")
 
-    def screenshot(self, path: Path, format: str = "png", quality: int = 85, scale: float = 1.0) -> None:
+    def screenshot(self, path: Path, format: str = "png", quality: int = 85, scale: float = 1.0,
+                   region: tuple[float, float, float, float] | None = None) -> None:
+        """The window (or `region` = x, y, width, height of it), scaled by `scale`."""
         params = {"format": format}
         if format == "jpeg":
             params["quality"] = quality
-        if scale != 1.0:
-            params["clip"] = {"x": 0, "y": 0, "width": WINDOW[0], "height": WINDOW[1], "scale": scale}
+        if scale != 1.0 or region is not None:
+            x, y, width, height = region or (0, 0, *WINDOW)
+            params["clip"] = {"x": x, "y": y, "width": width, "height": height, "scale": scale}
         data = self.call("Page.captureScreenshot", **params)["data"]
         path.write_bytes(base64.b64decode(data))
 
