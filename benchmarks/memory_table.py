@@ -770,10 +770,10 @@ def _train_step(trainer, pipe, bank) -> None:
 
     cfg = trainer.config
     trainer.optimizer.zero_grad(set_to_none=True)
-    prompts, seeds = trainer._micro_batch(0, 0)
+    prompts, seeds, images = trainer._micro_batch(0, 0)
     with _activation_offload(cfg):
         video = rollout.rollout_video(pipe, trainer.settings, bank.cond(prompts), bank.uncond(len(prompts)), seeds,
-                                      trainer.grad_steps_for(0, 0), cfg.drtune)
+                                      trainer.grad_steps_for(0, 0), cfg.drtune, start_images=images)
         scores = rollout.video_rewards(trainer.reward, video, prompts, cfg.num_sampled_frames)
         loss = rollout.reward_loss(scores, cfg.max_reward, cfg.loss_scale)
     loss.backward()

@@ -48,6 +48,16 @@ def memory_table():
     return memory_table
 
 
+def test_the_simulated_training_row_runs_the_trainers_own_step(memory_table):
+    """The training rows of the table run the trainer's own rollout, reward and update under fake
+    tensors (a change to the trainer that the simulation cannot follow shows up here, not as a
+    table of errors): a real-width 12b block, a small video."""
+    row, = memory_table.simulate_training("V5.1-12b", memory_table.TRAIN_VARIANTS[:1], (64, 64, 5), num_layers=1,
+                                          log=lambda *_: None)
+    assert row["error"] is None, row["error"]
+    assert row["lora"] > 0 and row["state"] > row["lora"] and row["activations"] > 0
+
+
 def test_simulated_figures_follow_vae_tiling_and_memory_mode(memory_table):
     """Real-size Magvit decode through sampling.decode_latents, tiled and untiled, and the real
     12b transformer quantised by the pack's own qfloat8 mode: switching either changes the cells."""
