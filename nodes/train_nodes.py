@@ -21,6 +21,7 @@ from ..training.settings import (
     TrainingSettings,
     group_rows,
     parse_number_text,
+    rows,
     split_by_table,
 )
 from ..training.trainer import RewardLoRATrainer as CoreTrainer, StepReport, history_plot
@@ -53,8 +54,7 @@ def setting_input(row, optional: bool = False):
 
 def node_values(values: dict) -> dict:
     """Widget values -> setting values (optional numbers parsed from their text)."""
-    specs = {row.name: row.spec for row in group_rows(RUN, *TABLES) + [r for g in SETTINGS_GROUPS
-                                                                         for r in group_rows(g, *TABLES)]}
+    specs = {row.name: row.spec for row in rows(*TABLES)}
     return {name: parse_number_text(value, name) if specs[name].optional_number else value
             for name, value in values.items()}
 

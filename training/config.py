@@ -304,10 +304,8 @@ class TrainConfig:
         if self.lr_warmup_steps > self.train_steps:
             raise ValueError(f"lr_warmup_steps {self.lr_warmup_steps} exceeds train_steps {self.train_steps}")
         from ..easyanimate.step_cache import SpeedSettings
-        from .guards import validate_guard_settings
 
         SpeedSettings(self.teacache, self.teacache_threshold, self.cfg_skip_ratio).validate()
-        validate_guard_settings(self)
         return self
 
     def to_dict(self) -> dict:

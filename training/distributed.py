@@ -204,13 +204,8 @@ class DataParallel:
         local = torch.cat(list(chunks)) if chunks else None
         if not self.active:
             return local
-        from accelerate.utils import gather_object
-
-        started = time.perf_counter()
         rows = [] if local is None else local.detach().float().cpu().tolist()
-        parts = gather_object([(list(indices), rows)])
-        self.comm_seconds += time.perf_counter() - started
-        self.comm_calls += 1
+        parts = self.gather_objects([(list(indices), rows)])
         ordered: list = [None] * total
         for part_indices, part_rows in parts:
             for i, row in zip(part_indices, part_rows):

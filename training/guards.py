@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,17 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GUARD_STATE_KEY = "guards"  # key of the guard state in a checkpoint's sidecar
-
-
-def validate_guard_settings(config) -> None:
-    if config.preserve not in PRESERVE_MODES:
-        raise ValueError(f"preserve must be one of {', '.join(PRESERVE_MODES)}, got {config.preserve!r}")
-    for name in ("preserve_weight", "motion_stop_drop"):
-        value = float(getattr(config, name))
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {getattr(config, name)}")
-    if int(config.motion_latents) < 0:
-        raise ValueError(f"motion_latents must be >= 0, got {config.motion_latents}")
 
 
 def video_motion(video: torch.Tensor, meter: MotionReward | None = None) -> torch.Tensor:

@@ -101,14 +101,7 @@ def load_prompt_items(source: str, search_dirs: Sequence[str | os.PathLike], wha
     `search_dirs`; images from `search_dirs` too."""
     text = str(source)
     if looks_like_prompt_file(text):
-        name = text.strip()
-        candidates = [confined_path(d, name, what=f"{what}: prompt file") if confine else Path(d) / name
-                      for d in search_dirs]
-        for candidate in candidates:
-            if candidate.is_file():
-                return read_prompt_items(candidate, search_dirs, confine)
-        where = ", ".join(str(c) for c in candidates)
-        raise FileNotFoundError(f"{what}: prompt file {name!r} not found (looked at {where})")
+        return read_prompt_items(find_prompt_file(text.strip(), search_dirs, what, confine), search_dirs, confine)
     records = [split_image_prefix(line) for line in split_prompt_lines(text)]
     if not records:
         _checked([], what)
@@ -160,22 +153,27 @@ def load_prompts(source: str | os.PathLike, search_dirs: Iterable[str | os.PathL
         return read_prompt_file(source)
     text = str(source)
     if looks_like_prompt_file(text):
-        name = text.strip()
-        if confine:
-            candidates = [confined_path(d, name, what=f"{what}: prompt file") for d in search_dirs]
-        elif os.path.isabs(name):
-            candidates = [Path(name)]
-        else:
-            candidates = [Path(d) / name for d in search_dirs] + [Path(name)]
-        for candidate in candidates:
-            if candidate.is_file():
-                return read_prompt_file(candidate)
-        where = ", ".join(str(c) for c in candidates)
-        raise FileNotFoundError(f"{what}: prompt file {name!r} not found (looked at {where})")
+        return read_prompt_file(find_prompt_file(text.strip(), search_dirs, what, confine))
     prompts = split_prompt_lines(text)
     if allow_empty:
         return prompts
     return _checked(prompts, what)
+
+
+def find_prompt_file(name: str, search_dirs: Iterable[str | os.PathLike], what: str, confine: bool) -> Path:
+    """The prompt file `name`: confined to `search_dirs` (a name from a workflow), else in them, as an
+    absolute path or relative to the working folder (the CLI's user)."""
+    if confine:
+        candidates = [confined_path(d, name, what=f"{what}: prompt file") for d in search_dirs]
+    elif os.path.isabs(name):
+        candidates = [Path(name)]
+    else:
+        candidates = [Path(d) / name for d in search_dirs] + [Path(name)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    where = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"{what}: prompt file {name!r} not found (looked at {where})")
 
 
 def _checked(prompts: list[str], where: str) -> list[str]:

@@ -316,11 +316,7 @@ class RewardLoRATrainer:
 
     def _start_image(self, index: int):
         path = self.start_image_files[index]
-        if path is None:
-            return None
-        if path not in self._start_images:
-            self._start_images[path] = load_start_image(path)
-        return self._start_images[path]
+        return None if path is None else self._start_images[path]  # loaded by _check_start_images
 
     def _check_start_images(self) -> None:
         """Before any work: start images need an InP model, and every image must be readable."""

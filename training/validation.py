@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..easyanimate.cancel import check_cancel
-from ..fileio import atomic_file, write_text_atomic
+from ..fileio import write_bytes_atomic, write_text_atomic
 from .distributed import SINGLE_PROCESS
 from .rollout import ALL_FRAMES, PromptBank, RolloutSettings, frame_rewards, rollout_video
 
@@ -44,10 +44,6 @@ def encode_mp4(video: torch.Tensor, fps: int = VIDEO_FPS) -> bytes:
             container.mux(packet)
     return buffer.getvalue()
 
-
-def write_bytes_atomic(path, data: bytes) -> None:
-    with atomic_file(path, suffix=path.suffix) as tmp:
-        tmp.write_bytes(data)
 
 
 def validation_settings(config) -> RolloutSettings:
