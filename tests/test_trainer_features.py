@@ -98,14 +98,26 @@ def test_ddim_eta_adds_seeded_noise_and_other_samplers_refuse_it(pipe):
 
 
 def test_numbered_checkpoints_keep_the_newest_of_this_run_only(pipe, tmp_path):
-    layout = RunLayout.for_lora_file(tmp_path / "ck.safetensors")
-    foreign = layout.checkpoint(1)
-    foreign.parent.mkdir(parents=True)
-    foreign.write_bytes(b"the user's file")  # same pattern, not this run's: never removed
-    trainer, result = train(pipe, tmp_path, "ck_new", train_steps=5, save_every=1, checkpoints_total_limit=2)
+    config = tiny_config(backprop="last", sampling_steps=2, cfg=1.0, train_steps=5, tensorboard=False, save_every=1,
+                         checkpoints_total_limit=2)
+    planted = []
+
+    def plant_a_foreign_checkpoint(report):
+        # In the run's own checkpoints/, named like its oldest checkpoint, but not written by the run:
+        # the limit must never remove it.
+        if report.step == 1:
+            foreign = trainer.layout.checkpoint(0)
+            foreign.write_bytes(b"the user's file")
+            planted.append(foreign)
+
+    trainer = RewardLoRATrainer(EasyAnimateModel(pipe), load_reward("colorfulness"), PROMPTS, config,
+                                output_path=tmp_path / "ck.safetensors", on_step=plant_a_foreign_checkpoint)
+    result = trainer.train()
     kept = numbered_checkpoints(result.layout, trainer.run_id)
-    assert [p.name for p in kept] == ["ck_new-step000003.safetensors", "ck_new-step000004.safetensors"]
-    assert foreign.read_bytes() == b"the user's file"
+    assert [p.name for p in kept] == ["ck-step000003.safetensors", "ck-step000004.safetensors"]
+    assert planted[0].read_bytes() == b"the user's file"
+    assert sorted(p.name for p in result.layout.checkpoints.iterdir()) == [
+        "ck-step000000.safetensors", "ck-step000003.safetensors", "ck-step000004.safetensors"]
     from easyanimate_reward.easyanimate.lora_format import load_lora_file
 
     assert load_lora_file(kept[-1], pipe.transformer).metadata["easyanimate_reward_step"] == "4"
